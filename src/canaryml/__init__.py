@@ -1,0 +1,5 @@
+"""canaryml: adaptive deployment canaries with predictive rollback."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from canaryml.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Decision path shared by replay and serving: sources → scorer → policy → actuator."""

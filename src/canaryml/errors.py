@@ -1,0 +1,35 @@
+"""Specific exceptions. Every message names the bad input and says how to fix it."""
+
+from __future__ import annotations
+
+
+class CanarymlError(Exception):
+    """Base class: the CLI prints the message and exits non-zero without a traceback."""
+
+
+class ConfigError(CanarymlError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+class DataContractError(CanarymlError):
+    """Input telemetry violates the data contract (DESIGN §2)."""
+
+
+class ModelLoadError(CanarymlError):
+    """A scorer could not be loaded from a directory or the model registry."""
+
+
+class ScoringError(CanarymlError):
+    """A window cannot be scored (unknown metrics, too short, all NaN)."""
+
+
+class PromotionGateError(CanarymlError):
+    """`promote` refused: a replay gate failed."""
+
+
+class SourceError(CanarymlError):
+    """A live telemetry source (Prometheus, Kafka) failed or returned no data."""
+
+
+class ActuatorError(CanarymlError):
+    """An actuator (Kubernetes, Argo Rollouts, Flagger, Swarm) could not apply an action."""
