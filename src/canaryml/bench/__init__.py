@@ -1,0 +1,1 @@
+"""Benchmarks: `canaryml bench` / `make bench` write experiments/benchmarks/*.json."""

@@ -1,0 +1,1 @@
+"""Command tasks: `canaryml.tasks.<command>.run(cfg) -> int`."""

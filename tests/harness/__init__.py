@@ -1,0 +1,1 @@
+"""Test harnesses that start real services (Prometheus, tansu, kmock, MLflow)."""
