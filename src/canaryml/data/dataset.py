@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -26,12 +28,19 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from canaryml.catalog import Catalog
 from canaryml.data.atomic import atomic_dir, atomic_write_json
-from canaryml.data.contract import GROUPS, TS, Bundle, validate_deployments
+from canaryml.data.contract import (
+    GROUPS,
+    TS,
+    Bundle,
+    sample_codes,
+    table_from_pandas,
+    validate_deployments,
+)
 from canaryml.errors import DataContractError
 
 log = logging.getLogger(__name__)
@@ -83,11 +92,19 @@ def write_canonical(
         raise DataContractError(f"step_s={step_s} must be a positive number of seconds")
     deps = bundle.deployments.reset_index(drop=True)
     s = bundle.samples
-    metric_names = [str(x) for x in s.column("metric").combine_chunks().dictionary.to_pylist()]
-    cat = catalog.with_metrics(metric_names)
+    codes = bundle.codes
+    if codes is None or codes.n_kept != s.num_rows:
+        codes = sample_codes(s, deps, bundle.source)
+    # only metrics that have samples (a Parquet dictionary may carry unused entries)
+    present = np.bincount(codes.metric if codes.keep is None else codes.metric[codes.keep],
+                          minlength=len(codes.metrics)) > 0
+    cat = catalog.with_metrics([m for m, p in zip(codes.metrics, present, strict=True) if p])
     metrics = cat.names
     m_index = {name: i for i, name in enumerate(metrics)}
     M = len(metrics)
+    if M == 0:
+        raise DataContractError(f"{bundle.source}: no samples to ingest; the samples table "
+                                "has no rows with a metric")
 
     # grid per deployment
     start_b = (deps["start"].astype("int64").to_numpy() // 1_000_000) // step_s
@@ -101,80 +118,106 @@ def write_canonical(
         )
     # row offset of (deployment d, group g) block: blocks ordered d0g0, d0g1, d1g0, ...
     block_len = np.repeat(n_steps, 2)
-    block_off = np.concatenate([[0], np.cumsum(block_len)[:-1]])
+    block_off = np.concatenate([[0], np.cumsum(block_len)[:-1]]).astype(np.int64)
     R = int(block_len.sum())
 
-    dep_arr = s.column("deployment_id").combine_chunks()
-    dep_dict = [str(x) for x in dep_arr.dictionary.to_pylist()]
-    pos = {d: i for i, d in enumerate(deps["deployment_id"].astype(str))}
-    dep_map = np.array([pos[d] for d in dep_dict], dtype=np.int64)
-    d_idx = dep_map[np.asarray(dep_arr.indices)]
-    grp_arr = s.column("group").combine_chunks()
-    g_map = np.array([GROUP_CODES[str(x)] for x in grp_arr.dictionary.to_pylist()], np.int64)
-    g_idx = g_map[np.asarray(grp_arr.indices)]
-    met_arr = s.column("metric").combine_chunks()
-    mm = np.array([m_index[str(x)] for x in met_arr.dictionary.to_pylist()], np.int64)
-    m_idx = mm[np.asarray(met_arr.indices)]
-    t_s = pc.cast(s.column("timestamp"), pa.int64()).to_numpy() // 1_000_000
-    bucket = t_s // step_s - start_b[d_idx]
-    inside = (bucket >= 0) & (bucket < n_steps[d_idx])
-    outside = int(len(bucket) - inside.sum())
+    mm = np.array([m_index.get(name, -1) for name in codes.metrics] or [-1], np.int64)
+    # in-place integer arithmetic: at 10 M samples every temporary array costs ~0.1 s
+    cell = codes.deployment.astype(np.int64)
+    cell *= 2
+    cell += codes.group
+    n_steps_cell = np.repeat(n_steps, 2)
+    flat = codes.timestamp_us // (1_000_000 * step_s)
+    flat -= np.repeat(start_b, 2)[cell]  # step index inside the deployment's window
+    ok = flat >= 0
+    ok &= flat < n_steps_cell[cell]
+    if codes.keep is not None:
+        ok &= codes.keep
+    outside = int(np.count_nonzero(~ok)) - (
+        0 if codes.keep is None else len(ok) - int(np.count_nonzero(codes.keep)))
     if outside:
         log.warning("%d sample(s) fall outside their deployment's start..end window; dropped",
                     outside)
-    value = s.column("value").to_numpy(zero_copy_only=False)
-    ok = inside & ~np.isnan(value)
-    row = block_off[d_idx[ok] * 2 + g_idx[ok]] + bucket[ok]
-    flat = row * M + m_idx[ok]
-    sums = np.bincount(flat, weights=value[ok], minlength=R * M)
-    counts = np.bincount(flat, minlength=R * M)
+    ok &= ~np.isnan(codes.value)
+    # one flat cell index per sample; rejected samples go to an overflow bin that is dropped
+    flat += block_off[cell]
+    flat *= M
+    flat += mm[codes.metric]
+    flat[~ok] = R * M
+    weights = np.where(ok, codes.value, 0.0)
+    sums = np.bincount(flat, weights=weights, minlength=R * M + 1)[:-1]
+    counts = np.bincount(flat, minlength=R * M + 1)[:-1]
     with np.errstate(invalid="ignore", divide="ignore"):
         wide = (sums / counts).astype(np.float32).reshape(R, M)
 
+    pos = {d: i for i, d in enumerate(deps["deployment_id"].astype(str))}
     anomaly = None
     if point_labels is not None and len(point_labels):
         anomaly = np.zeros(R, dtype=np.int8)
         pl = point_labels[point_labels["anomaly"].astype(int) > 0]
-        pd_idx = pl["deployment_id"].astype(str).map(pos).to_numpy()
+        mapped = pl["deployment_id"].astype(str).map(pos)
+        if mapped.isna().any():
+            unknown = sorted(set(pl["deployment_id"].astype(str)[mapped.isna()]))[:5]
+            raise DataContractError(
+                f"{bundle.source}: point labels name deployments that are not in the "
+                f"deployments table: {unknown}; label only ingested deployments")
+        pd_idx = mapped.to_numpy(np.int64)
         pt = pd.to_datetime(pl["timestamp"], utc=True).astype("int64").to_numpy() // 1_000_000
         pb = pt // step_s - start_b[pd_idx]
         good = (pb >= 0) & (pb < n_steps[pd_idx])
         for g in (0, 1):
             anomaly[block_off[pd_idx[good] * 2 + g] + pb[good]] = 1
 
-    has_group = np.zeros(len(deps) * 2, dtype=bool)
-    has_group[np.unique(d_idx * 2 + g_idx)] = True
-    rows_written = 0
-    gaps = int(np.isnan(wide).sum())
-    with atomic_dir(out) as tmp:
-        pq.write_table(pa.Table.from_pandas(deps, preserve_index=False),
-                       tmp / "deployments.parquet")
-        for d, dep_id in enumerate(deps["deployment_id"].astype(str)):
-            parts = []
-            for g, gname in enumerate(GROUPS):
-                if not has_group[d * 2 + g]:
-                    continue
-                lo = block_off[d * 2 + g]
-                hi = lo + n_steps[d]
-                ts = (start_b[d] + np.arange(n_steps[d], dtype=np.int64)) * step_s * 1_000_000
-                cols: dict[str, Any] = {
-                    "timestamp": pa.array(ts, pa.int64()).cast(pa.timestamp("us")).cast(TS),
-                    "group": pa.array([gname] * int(n_steps[d]), pa.string()),
-                }
-                for j, name in enumerate(metrics):
-                    cols[name] = pa.array(wide[lo:hi, j], pa.float32())
-                if anomaly is not None:
-                    cols["anomaly"] = pa.array(anomaly[lo:hi], pa.int8())
-                parts.append(pa.table(cols))
-            if not parts:
-                log.warning("deployment %s has no samples; it is kept with an empty partition",
-                            dep_id)
+    has_group = np.bincount(cell if codes.keep is None else cell[codes.keep],
+                            minlength=len(deps) * 2) > 0
+    wide_t = np.ascontiguousarray(wide.T)  # [M, R]: each metric column slices without a copy
+    written_rows = np.repeat(has_group, block_len)
+    gaps = int(np.isnan(wide[written_rows]).sum())
+    dep_ids = deps["deployment_id"].astype(str).tolist()
+    no_samples = [dep_ids[d] for d in range(len(deps)) if not has_group[2 * d:2 * d + 2].any()]
+    if no_samples:
+        log.warning("%d deployment(s) have no samples and get no telemetry partition: %s",
+                    len(no_samples), ", ".join(no_samples[:5]))
+
+    def partition(d: int) -> pa.Table | None:
+        parts = []
+        for g, gname in enumerate(GROUPS):
+            if not has_group[d * 2 + g]:
                 continue
-            table = pa.concat_tables(parts)
-            rows_written += table.num_rows
-            pdir = partition_dir(tmp, dep_id)
+            lo = int(block_off[d * 2 + g])
+            hi = lo + int(n_steps[d])
+            ts = (start_b[d] + np.arange(n_steps[d], dtype=np.int64)) * step_s * 1_000_000
+            cols: dict[str, Any] = {
+                "timestamp": pa.array(ts, pa.int64()).cast(pa.timestamp("us")).cast(TS),
+                "group": pa.repeat(pa.scalar(gname, pa.string()), hi - lo),
+            }
+            for j, name in enumerate(metrics):
+                cols[name] = pa.array(wide_t[j, lo:hi], pa.float32())
+            if anomaly is not None:
+                cols["anomaly"] = pa.array(anomaly[lo:hi], pa.int8())
+            parts.append(pa.table(cols))
+        return pa.concat_tables(parts) if parts else None
+
+    with atomic_dir(out) as tmp:
+        pq.write_table(table_from_pandas(deps),
+                       tmp / "deployments.parquet")
+
+        def write(d: int) -> int:
+            table = partition(d)
+            if table is None:
+                return 0
+            pdir = partition_dir(tmp, dep_ids[d])
             pdir.mkdir(parents=True)
-            pq.write_table(table, pdir / "part-0.parquet", compression="zstd")
+            # dictionary pages only help the group column: float telemetry rarely repeats
+            pq.write_table(table, pdir / "part-0.parquet", compression="zstd",
+                           use_dictionary=["group"])
+            return int(table.num_rows)
+
+        # Parquet encoding releases the GIL: one writer thread per core
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            rows_written = sum(tqdm(pool.map(write, range(len(deps))), total=len(deps),
+                                    desc="write partitions", unit="dep", leave=False,
+                                    disable=len(deps) < 50 or None))
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "source": source,

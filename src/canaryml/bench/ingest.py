@@ -1,0 +1,258 @@
+"""Ingest benchmark: CSV bundle → canonical Parquet, side by side with plain pandas.
+
+`python -m canaryml.bench.ingest [--n-samples N]` writes `experiments/benchmarks/ingest.json`.
+The ≥ 10 M-sample CSV bundle is generated once and cached under
+`experiments/benchmarks/.cache/` (git-ignored); later runs only time the ingest.
+
+Both passes read the same `samples.csv`. The canaryml pass is end to end — `read_bundle`
+(parse, validate, sort, de-duplicate) and `write_canonical` (resample onto the grid, write one
+Parquet partition per deployment, hash, manifest) — so it does strictly more work than the
+`pandas.read_csv` + `DataFrame.to_parquet` pass it is compared with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+from tqdm.auto import tqdm
+
+from canaryml.catalog import Catalog
+from canaryml.data.atomic import atomic_dir, atomic_write_json
+from canaryml.data.contract import read_bundle
+from canaryml.data.dataset import write_canonical
+from canaryml.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+STEP_S = 15
+EPOCH_S = 1_714_521_600  # 2024-05-01T00:00:00Z
+_ROWS_PER_CHUNK = 1_000_000
+
+
+def _layout(n_samples: int, n_metrics: int) -> tuple[int, int]:
+    """(deployments, steps) so that deployments × 2 groups × metrics × steps ≥ n_samples."""
+    n_deployments = max(1, min(200, n_samples // (2 * n_metrics * 240)))
+    steps = -(-n_samples // (n_deployments * 2 * n_metrics))
+    return n_deployments, steps
+
+
+def generate_bundle(out: Path, n_samples: int, seed: int = 0) -> dict[str, Any]:
+    """Write a CSV telemetry bundle of at least `n_samples` long-format samples.
+
+    Rows come in scrape order (deployment, timestamp, group, metric) like an exporter dump;
+    timestamps are ISO-8601 with a Z suffix; 0.5 % of values are empty (missed scrapes) and
+    0.1 % of rows are repeated (duplicates that ingest must drop). Written in 1 M-row chunks, so
+    memory stays flat.
+    """
+    metrics = Catalog.default().names
+    n_dep, steps = _layout(n_samples, len(metrics))
+    rng = np.random.default_rng(seed)
+    dep_ids = [f"bench-{i:04d}" for i in range(n_dep)]
+    start = pd.Timestamp(EPOCH_S, unit="s", tz="UTC")
+    end = start + pd.Timedelta(seconds=(steps - 1) * STEP_S)
+    deployments = pd.DataFrame({
+        "deployment_id": dep_ids,
+        "service": [f"svc-{i % 7}" for i in range(n_dep)],
+        "start": [start.strftime("%Y-%m-%dT%H:%M:%SZ")] * n_dep,
+        "end": [end.strftime("%Y-%m-%dT%H:%M:%SZ")] * n_dep,
+        "label": ["faulty" if i % 5 == 0 else "healthy" for i in range(n_dep)],
+    })
+    per_dep = steps * 2 * len(metrics)
+    total = 0
+    with atomic_dir(out) as tmp:
+        deployments.to_csv(tmp / "deployments.csv", index=False)
+        opts = pacsv.WriteOptions(include_header=True, quoting_style="none")
+        with pacsv.CSVWriter(tmp / "samples.csv", _SCHEMA, write_options=opts) as writer:
+            for d in range(n_dep):
+                for lo in range(0, per_dep, _ROWS_PER_CHUNK):
+                    hi = min(per_dep, lo + _ROWS_PER_CHUNK)
+                    idx = np.arange(lo, hi, dtype=np.int64)
+                    m = idx % len(metrics)
+                    g = (idx // len(metrics)) % 2
+                    t = idx // (2 * len(metrics))
+                    value = (10.0 * (m + 1) * (1 + 0.1 * np.sin(t / 40.0 + d))
+                             + rng.normal(0, 0.5, len(idx)) + 0.3 * g)
+                    value[rng.random(len(idx)) < 0.005] = np.nan
+                    dup = np.flatnonzero(rng.random(len(idx)) < 0.001)
+                    order = np.sort(np.concatenate([np.arange(len(idx)), dup]))
+                    ts = pa.array((EPOCH_S + t[order] * STEP_S) * 1_000_000,
+                                  pa.int64()).cast(pa.timestamp("us", tz="UTC")).cast(pa.timestamp("s", tz="UTC"))
+                    chunk = pa.table({
+                        "timestamp": pc.strftime(ts, format="%Y-%m-%dT%H:%M:%SZ"),
+                        "deployment_id": pa.array([dep_ids[d]] * len(order)),
+                        "group": pa.DictionaryArray.from_arrays(
+                            pa.array(g[order].astype(np.int32)), ["baseline", "canary"]
+                        ).cast(pa.string()),
+                        "metric": pa.DictionaryArray.from_arrays(
+                            pa.array(m[order].astype(np.int32)), metrics).cast(pa.string()),
+                        "value": pa.array(np.round(value[order], 6), pa.float64(),
+                                          from_pandas=True),
+                    }, schema=_SCHEMA)
+                    writer.write_table(chunk)
+                    total += len(order)
+    return {"deployments": n_dep, "steps": steps, "metrics": len(metrics), "samples": total,
+            "bytes": (out / "samples.csv").stat().st_size}
+
+
+_SCHEMA = pa.schema([("timestamp", pa.string()), ("deployment_id", pa.string()),
+                     ("group", pa.string()), ("metric", pa.string()), ("value", pa.float64())])
+
+
+def _peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / 1024, 1)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _pass(kind: str, bundle_dir: str, work_dir: str) -> dict[str, Any]:
+    """One timed pass in a fresh process, so peak RSS and allocator state are its own."""
+    work = Path(work_dir)
+    if kind == "pandas":
+        t0 = time.perf_counter()
+        df = pd.read_csv(Path(bundle_dir) / "samples.csv")
+        df.to_parquet(work / "pandas.parquet")
+        return {"seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()}
+    t0 = time.perf_counter()
+    bundle = read_bundle(bundle_dir)
+    read_s = time.perf_counter() - t0
+    manifest = write_canonical(bundle, work / "canonical", step_s=STEP_S,
+                               catalog=Catalog.default(), source="bundle")
+    seconds = time.perf_counter() - t0
+    out_bytes = sum(p.stat().st_size for p in (work / "canonical").rglob("*") if p.is_file())
+    return {"seconds": seconds, "read_bundle_s": read_s, "write_canonical_s": seconds - read_s,
+            "peak_rss_mb": _peak_rss_mb(), "out_bytes": out_bytes,
+            "duplicates_dropped": manifest["counts"]["duplicates_dropped"],
+            "rows_out": manifest["counts"]["rows"], "gaps": manifest["counts"]["gaps"]}
+
+
+def _timed(kind: str, bundle_dir: Path, repeats: int) -> list[dict[str, Any]]:
+    runs = []
+    ctx = mp.get_context("spawn")
+    for _ in range(repeats):
+        work = Path(tempfile.mkdtemp(prefix=f"canaryml-bench-{kind}-"))
+        try:
+            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                runs.append(pool.submit(_pass, kind, str(bundle_dir), str(work)).result())
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return runs
+
+
+def run(out_dir: Path, n_samples: int = 10_000_000, seed: int = 0,
+        repeats: int = 2) -> dict[str, Any]:
+    """Time CSV → canonical Parquet on a ≥ `n_samples` bundle; write `<out_dir>/ingest.json`.
+
+    Each pass runs `repeats` times in a fresh process, interleaved with the pandas pass; the
+    best time of each is the headline (the machine is shared, so the slower runs measure the
+    neighbours) and every run is recorded.
+    """
+    if n_samples < 1000:
+        raise ConfigError(f"bench.ingest.n_samples={n_samples} is too small; use ≥ 1000")
+    if repeats < 1:
+        raise ConfigError(f"bench.ingest.repeats={repeats} must be ≥ 1")
+    out_dir = Path(out_dir)
+    cache = out_dir / ".cache" / f"ingest-bundle-{n_samples}-s{seed}"
+    if not (cache / "samples.csv").is_file() or not (cache / "meta.json").is_file():
+        log.info("generating a %d-sample CSV bundle in %s (once) …", n_samples, cache)
+        t0 = time.perf_counter()
+        meta = generate_bundle(cache, n_samples, seed)
+        meta["generate_s"] = round(time.perf_counter() - t0, 2)
+        atomic_write_json(cache / "meta.json", meta)
+    meta = json.loads((cache / "meta.json").read_text())
+    samples = int(meta["samples"])
+    canary_runs: list[dict[str, Any]] = []
+    pandas_runs: list[dict[str, Any]] = []
+    for _ in tqdm(range(repeats), desc="ingest bench", unit="round"):
+        canary_runs += _timed("canaryml", cache, 1)
+        pandas_runs += _timed("pandas", cache, 1)
+    best_c = min(canary_runs, key=lambda r: r["seconds"])
+    best_p = min(pandas_runs, key=lambda r: r["seconds"])
+
+    def rounded(r: dict[str, Any]) -> dict[str, Any]:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    result: dict[str, Any] = {
+        "suite": "ingest",
+        "machine": {
+            "cpu": _cpu_model(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
+            "platform": platform.platform(), "pyarrow": pa.__version__,
+            "pandas": pd.__version__, "numpy": np.__version__, "load1_after": load1,
+        },
+        "input": {**meta, "path": str(cache), "format": "csv, ISO-8601 timestamps (Z)"},
+        "canaryml": {
+            "what": "read_bundle (parse, validate, de-duplicate, order check) + write_canonical "
+                    "(resample, partitioned Parquet, hash, manifest)",
+            **rounded(best_c),
+            "samples_per_s": round(samples / best_c["seconds"]),
+            "runs_s": [round(r["seconds"], 3) for r in canary_runs],
+        },
+        "pandas": {
+            "what": "pandas.read_csv + DataFrame.to_parquet (no validation, no resampling)",
+            **rounded(best_p),
+            "samples_per_s": round(samples / best_p["seconds"]),
+            "runs_s": [round(r["seconds"], 3) for r in pandas_runs],
+        },
+        "target_samples_per_s": 2_000_000,
+    }
+    result["speedup_vs_pandas"] = round(best_p["seconds"] / best_c["seconds"], 2)
+    result["meets_target"] = result["canaryml"]["samples_per_s"] >= result["target_samples_per_s"]
+    result["summary"] = {
+        "samples": samples,
+        "canaryml_samples_per_s": result["canaryml"]["samples_per_s"],
+        "pandas_samples_per_s": result["pandas"]["samples_per_s"],
+        "speedup_vs_pandas": result["speedup_vs_pandas"],
+        "meets_target": result["meets_target"],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "ingest.json", result)
+    log.info("ingest bench: canaryml %.2f M samples/s, pandas %.2f M samples/s → %s",
+             samples / best_c["seconds"] / 1e6, samples / best_p["seconds"] / 1e6,
+             out_dir / "ingest.json")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-samples", type=int, default=10_000_000)
+    parser.add_argument("--out-dir", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s")
+    from canaryml.paths import repo_root
+
+    out_dir = args.out_dir or repo_root() / "experiments" / "benchmarks"
+    result = run(out_dir, args.n_samples, repeats=args.repeats)
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
