@@ -1,0 +1,515 @@
+"""CanaryScorer: the deployable bundle (forecaster network + scaler + detectors + calibration).
+
+Scoring one window of `lookback + horizon` steps, for each group (canary, baseline):
+  1. the network forecasts the last `horizon` steps from the `lookback` steps before them;
+     residual r = (actual − median) / σ̂, σ̂ from the predicted quantile spread, averaged over
+     the horizon (observed steps only);
+  2. the canary residual is taken **relative to the baseline**: d = r_canary − r_baseline, so a
+     shock that hits both groups cancels. The gap drift — change of the scaled canary−baseline
+     gap from the first to the last `horizon` steps of the window — catches slow trends (leaks)
+     a forecaster would simply follow;
+  3. both are made *directional* with the catalog (`up`: only increases count, `down`: only
+     decreases, `both`: either), giving a per-metric error e_m ≥ 0;
+  4. forecast error per kind = RMS of e_m over the app (resp. infra) metrics; the detector of
+     that kind scores the feature vector [e_d, e_drift]; each is normalised on healthy
+     calibration ticks (forecast error by its 99th percentile, detector so that the healthy
+     median → 0 and `threshold_` → 1);
+  5. kind score = mix · forecast + (1 − mix) · detector; combined = weighted mean of the app and
+     infra kind scores (`weightApplicationMetrics`, `weightInfrastructureMetrics`);
+  6. calibration: the empirical CDF of healthy calibration ticks, with an exponential tail past
+     the largest healthy value, maps each raw score to [0, 1] and keeps scores rankable.
+
+A window with `baseline=None` (SMD/NAB, one group) is scored on raw canary residuals and with
+no drift term (documented degradation, logged once). `score`, `score_batch` and `score_series`
+all run `_score_block`, the same batched code path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from canaryml.catalog import Catalog, Direction, MetricKind
+from canaryml.control.types import ScoreResult, Window
+from canaryml.data.atomic import atomic_dir, atomic_write_json
+from canaryml.data.dataset import DeploymentArrays
+from canaryml.errors import ModelLoadError, ScoringError
+from canaryml.models.detectors import IsolationForestDetector, JointForest, ResidualDetector
+from canaryml.models.networks import NetworkSpec, build_network
+from canaryml.models.windows import Scaler, model_input
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+KINDS = ("app", "infra")
+_CLIP = 50.0
+_CHUNK = 2048
+
+
+@dataclass(frozen=True)
+class ScorerWeights:
+    weight_application_metrics: float = 0.7
+    weight_infrastructure_metrics: float = 0.3
+    forecast_weight: float = 0.5
+    drift_weight: float = 1.0
+    max_eta_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        from canaryml.errors import ConfigError
+
+        if not 0.0 <= self.forecast_weight <= 1.0:
+            raise ConfigError(f"scorer.forecast_weight={self.forecast_weight} must be in [0, 1]")
+        if min(self.weight_application_metrics, self.weight_infrastructure_metrics) < 0 or (
+                self.weight_application_metrics + self.weight_infrastructure_metrics <= 0):
+            raise ConfigError(
+                f"scorer weights app={self.weight_application_metrics}, "
+                f"infra={self.weight_infrastructure_metrics}: need ≥ 0 and a positive sum"
+            )
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Learned state from healthy calibration ticks: normalisers and raw components [N, 4]
+    (fe_app, fe_infra, det_app, det_infra), kept so that re-weighted copies recalibrate."""
+
+    components: np.ndarray
+    fe_norm: np.ndarray  # [2]
+    det_center: np.ndarray  # [2]
+    det_scale: np.ndarray  # [2]
+
+
+def _masked_mean(x: np.ndarray) -> np.ndarray:
+    """Mean over axis 1 ignoring NaN; 0 where nothing is observed (no RuntimeWarning)."""
+    ok = np.isfinite(x)
+    return np.where(ok, x, 0.0).sum(1) / np.maximum(ok.sum(1), 1)
+
+
+def _ecdf_fit(values: np.ndarray) -> tuple[np.ndarray, float]:
+    v = np.sort(values[np.isfinite(values)])
+    if len(v) == 0:
+        raise ScoringError("no healthy calibration ticks; calibration needs healthy deployments")
+    if len(v) > 4000:
+        v = np.quantile(v, np.linspace(0, 1, 4000))
+    tau = float(v[-1] - np.quantile(v, 0.9))
+    tau = tau if tau > 1e-9 else max(float(np.std(v)), 1e-3)
+    return v, tau
+
+
+def _ecdf_apply(x: np.ndarray, knots: np.ndarray, tau: float) -> np.ndarray:
+    n = len(knots)
+    p = np.interp(x, knots, np.arange(1, n + 1) / (n + 1), left=0.0)
+    over = x > knots[-1]
+    p_max = n / (n + 1)
+    p = np.where(over, 1.0 - (1.0 - p_max) * np.exp(-(x - knots[-1]) / tau), p)
+    return np.where(np.isfinite(x), p, np.nan)
+
+
+class CanaryScorer:
+    """Implements the `Scorer` protocol (canaryml.control.types). Build with `train_scorer`."""
+
+    def __init__(self, *, spec: NetworkSpec, network: torch.nn.Module, scaler: Scaler,
+                 metrics: Sequence[str], catalog: Catalog, detectors: dict[str, ResidualDetector | None],
+                 calibration: Calibration, weights: ScorerWeights, step_s: int,
+                 gap_scale: np.ndarray | None = None, info: dict[str, Any] | None = None):
+        self.spec = spec
+        self.gap_scale = (np.ones(spec.n_metrics, np.float32) if gap_scale is None
+                          else np.asarray(gap_scale, np.float32))
+        self.network = network.eval()
+        self.scaler = scaler
+        self.catalog = catalog
+        self.detectors = detectors
+        self.calibration = calibration
+        self.weights = weights
+        self._step_s = int(step_s)
+        self.info = dict(info or {})
+        # column order = the order the scaler and network were trained on
+        self._metrics = tuple(metrics)
+        if len(self._metrics) != spec.n_metrics:
+            raise ModelLoadError(f"scorer has {len(self._metrics)} metrics but its network "
+                                 f"expects {spec.n_metrics}")
+        specs = [catalog.get(m) for m in self._metrics]
+        self._is_app = np.array([s.kind is MetricKind.APP for s in specs])
+        self._up = np.array([s.direction in (Direction.UP, Direction.BOTH) for s in specs], float)
+        self._down = np.array([s.direction in (Direction.DOWN, Direction.BOTH) for s in specs], float)
+        self._slo = np.array([np.nan if s.slo is None else s.slo for s in specs])
+        self._slo_down = np.array([s.direction is Direction.DOWN for s in specs])
+        self._slo_idx = np.flatnonzero(np.isfinite(self._slo))
+        self._slo_sign = np.where(self._slo_down[self._slo_idx], -1.0, 1.0)  # breach: sign*(x-slo)>0
+        t = np.arange(spec.lookback + spec.horizon, dtype=np.float64)
+        self._slope_w = (t - t.mean()) / ((t - t.mean()) ** 2).sum()
+        qs = spec.quantiles
+        self._q_lo, self._q_mid, self._q_hi = 0, qs.index(0.5), len(qs) - 1
+        from scipy.stats import norm
+
+        self._sigma_div = float(norm.ppf(qs[-1]) - norm.ppf(qs[0]))
+        self._joint = self._joint_forest()
+        self._index_cache: dict[tuple[str, ...], np.ndarray] = {}
+        self._warned_no_baseline = False
+        self._recalibrate()
+
+    # ---- Scorer protocol -------------------------------------------------------------------
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return self._metrics
+
+    @property
+    def lookback(self) -> int:
+        """Steps a Window must hold: the forecaster's lookback plus its horizon."""
+        return self.spec.lookback + self.spec.horizon
+
+    @property
+    def step_s(self) -> int:
+        return self._step_s
+
+    def score(self, window: Window) -> ScoreResult:
+        return self.score_batch([window])[0]
+
+    def score_batch(self, windows: Sequence[Window]) -> list[ScoreResult]:
+        """Score many windows in one batched pass (same code as `score`)."""
+        out: list[ScoreResult | None] = [None] * len(windows)
+        for has_base in (True, False):
+            idx = [i for i, w in enumerate(windows) if (w.baseline is not None) == has_base]
+            if not idx:
+                continue
+            can = np.stack([self._align(windows[i], windows[i].canary, "canary") for i in idx])
+            base = (np.stack([self._align(windows[i], windows[i].baseline, "baseline")  # type: ignore[arg-type]
+                              for i in idx]) if has_base else None)
+            res = self._score_block(can, base)
+            bad = res["invalid"]
+            for j, i in enumerate(idx):
+                if bad[j]:
+                    missing = [m for m, ok in zip(self._metrics, res["observed"][j], strict=True) if not ok]
+                    raise ScoringError(
+                        f"deployment {windows[i].deployment_id!r}: metric(s) {', '.join(missing)} "
+                        f"have no observed value in the last {self.lookback} steps of the canary; "
+                        "fix the metric source (scrape/PromQL) — the scorer will not guess"
+                    )
+                out[i] = self._result(res, j)
+        return [r for r in out if r is not None]
+
+    def score_series(self, arrays: DeploymentArrays) -> np.ndarray:
+        """Score of every tick of a deployment in one batched pass; NaN before the first full
+        window and where a metric is missing for a whole window (score() would raise there)."""
+        return self.score_series_components(arrays)["score"]
+
+    def score_series_components(self, arrays: DeploymentArrays) -> dict[str, np.ndarray]:
+        """Per-tick arrays [T]: score, app_score, infra_score, forecast_error, detector_score,
+        breach_eta_s (NaN = none). Equal to `score()` on the window ending at each tick."""
+        w = self.lookback
+        n_ticks = len(arrays.timestamps_s)
+        keys = ("score", "app_score", "infra_score", "forecast_error", "detector_score", "breach_eta_s")
+        out = {k: np.full(n_ticks, np.nan) for k in keys}
+        if n_ticks < w:
+            return out
+        idx = self._index_for(arrays.metrics, arrays.deployment_id)
+        can = arrays.canary[:, idx]
+        base = None if arrays.baseline is None else arrays.baseline[:, idx]
+        views_c = np.lib.stride_tricks.sliding_window_view(can, w, axis=0).transpose(0, 2, 1)
+        views_b = (None if base is None else
+                   np.lib.stride_tricks.sliding_window_view(base, w, axis=0).transpose(0, 2, 1))
+        n_invalid = 0
+        for lo in range(0, len(views_c), _CHUNK):
+            hi = min(lo + _CHUNK, len(views_c))
+            res = self._score_block(np.ascontiguousarray(views_c[lo:hi]),
+                                    None if views_b is None else np.ascontiguousarray(views_b[lo:hi]))
+            for k in keys:
+                vals = res[k].astype(float)
+                vals[res["invalid"]] = np.nan
+                out[k][w - 1 + lo: w - 1 + hi] = vals
+            n_invalid += int(res["invalid"].sum())
+        if n_invalid:
+            log.warning("deployment %s: %d tick(s) not scored (a metric missing for a whole "
+                        "window); their score is NaN", arrays.deployment_id, n_invalid)
+        return out
+
+    # ---- variants --------------------------------------------------------------------------
+    def with_mix(self, forecast_weight: float) -> CanaryScorer:
+        """Copy with another forecast-error vs detector mix (1.0 forecast only, 0.0 detector only);
+        calibration is recomputed from the stored healthy calibration components."""
+        return self._copy(replace(self.weights, forecast_weight=float(forecast_weight)))
+
+    def with_weights(self, app: float, infra: float) -> CanaryScorer:
+        return self._copy(replace(self.weights, weight_application_metrics=float(app),
+                                  weight_infrastructure_metrics=float(infra)))
+
+    def _copy(self, weights: ScorerWeights) -> CanaryScorer:
+        return CanaryScorer(spec=self.spec, network=self.network, scaler=self.scaler,
+                            metrics=self._metrics, catalog=self.catalog, detectors=self.detectors,
+                            calibration=self.calibration, weights=weights, step_s=self._step_s,
+                            gap_scale=self.gap_scale, info=self.info)
+
+    # ---- core ------------------------------------------------------------------------------
+    def _index_for(self, metrics: Sequence[str], who: str) -> np.ndarray:
+        key = tuple(metrics)
+        idx = self._index_cache.get(key)
+        if idx is None:
+            pos = {m: i for i, m in enumerate(key)}
+            missing = [m for m in self._metrics if m not in pos]
+            if missing:
+                raise ScoringError(
+                    f"{who}: the window lacks metric(s) the model was trained on: "
+                    f"{', '.join(missing)} (window has {', '.join(key) or 'none'}); score with "
+                    "the same metric catalog or retrain the model on the new metrics"
+                )
+            extra = [m for m in key if m not in set(self._metrics)]
+            if extra:
+                log.warning("%s: metric(s) %s not known to the model are ignored", who, ", ".join(extra))
+            idx = np.array([pos[m] for m in self._metrics], dtype=np.int64)
+            self._index_cache[key] = idx
+        return idx
+
+    def _align(self, window: Window, values: np.ndarray, group: str) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float32)
+        if values.ndim != 2 or values.shape[1] != len(window.metrics):
+            raise ScoringError(
+                f"deployment {window.deployment_id!r}: {group} has shape {values.shape}, expected "
+                f"[T, {len(window.metrics)}] for metrics {window.metrics}"
+            )
+        if values.shape[0] < self.lookback:
+            raise ScoringError(
+                f"deployment {window.deployment_id!r}: window has {values.shape[0]} steps but the "
+                f"scorer needs ≥ {self.lookback} (lookback {self.spec.lookback} + horizon "
+                f"{self.spec.horizon}); fetch scorer.lookback steps"
+            )
+        idx = self._index_for(window.metrics, f"deployment {window.deployment_id!r}")
+        return values[-self.lookback:, idx]
+
+    def _forecast(self, inputs: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.network(torch.from_numpy(model_input(inputs))).numpy()
+
+    def _components(self, can: np.ndarray, base: np.ndarray | None) -> dict[str, np.ndarray]:
+        """Raw features of [N, W, M] raw-unit windows (canary, baseline or None)."""
+        L, H = self.spec.lookback, self.spec.horizon
+        n = len(can)
+        zc = self.scaler.transform(can)
+        observed = np.isfinite(zc).any(axis=1)  # [N, M]
+        if base is not None:
+            zb = self.scaler.transform(base)
+            inputs = np.concatenate([zc[:, :L], zc[:, H:], zb[:, :L]])
+        else:
+            if not self._warned_no_baseline:
+                log.warning("windows without a baseline group: scoring raw canary residuals "
+                            "(no relative-to-baseline correction, no drift term)")
+                self._warned_no_baseline = True
+            zb = None
+            inputs = np.concatenate([zc[:, :L], zc[:, H:]])
+        q = self._forecast(inputs)
+        q_past_c, q_future_c = q[:n], q[n: 2 * n]
+
+        def residual(z: np.ndarray, qq: np.ndarray) -> np.ndarray:
+            actual = z[:, L:]
+            sigma = np.maximum((qq[..., self._q_hi] - qq[..., self._q_lo]) / self._sigma_div, 0.05)
+            r = np.clip((actual - qq[..., self._q_mid]) / sigma, -_CLIP, _CLIP)
+            ok = np.isfinite(r)
+            return np.where(ok, r, 0.0).sum(1) / np.maximum(ok.sum(1), 1)
+
+        d = residual(zc, q_past_c)
+        if zb is not None:
+            d = d - residual(zb, q[2 * n:])
+            gap = (zc - zb) / self.gap_scale
+            level = np.clip(_masked_mean(gap[:, -H:]), -_CLIP, _CLIP)
+            drift = np.clip(level - _masked_mean(gap[:, :H]), -_CLIP, _CLIP)
+        else:
+            level = np.zeros_like(d)
+            drift = np.zeros_like(d)
+
+        def directed(x: np.ndarray) -> np.ndarray:
+            return self._up * np.maximum(x, 0) + self._down * np.maximum(-x, 0)
+
+        e_d = directed(d)
+        # drift and level of the canary-baseline gap share one weight (both baseline-relative)
+        e_drift = np.maximum(directed(drift), directed(level))
+        e = e_d + self.weights.drift_weight * e_drift
+        comps: dict[str, np.ndarray] = {"e": e, "observed": observed,
+                                        "invalid": ~observed.all(axis=1)}
+        kinds = (("app", self._is_app), ("infra", ~self._is_app))
+        for k, mask in kinds:
+            comps[f"fe_{k}"] = np.sqrt((e[:, mask] ** 2).mean(1)) if mask.any() else np.zeros(n)
+            comps[f"det_{k}"] = np.zeros(n)
+        if self._joint is not None:
+            feats = np.concatenate([np.concatenate([e_d[:, m], e_drift[:, m]], 1) for _, m in kinds], 1)
+            det = self._joint.decision_function(feats)
+            comps["det_app"], comps["det_infra"] = det[:, 0], det[:, 1]
+        else:
+            for k, mask in kinds:
+                dk = self.detectors.get(k)
+                if dk is not None and mask.any():
+                    comps[f"det_{k}"] = dk.decision_function(
+                        np.concatenate([e_d[:, mask], e_drift[:, mask]], axis=1))
+        comps["eta"] = self._breach_eta(can, q_future_c)
+        comps["e_d"], comps["e_drift"] = e_d, e_drift
+        return comps
+
+    def _joint_forest(self) -> JointForest | None:
+        dets = [self.detectors.get(k) for k in KINDS]
+        if all(isinstance(d, IsolationForestDetector) for d in dets):
+            widths = [2 * int(self._is_app.sum()), 2 * int((~self._is_app).sum())]
+            return JointForest(dets, widths)  # type: ignore[arg-type]
+        return None
+
+    def _breach_eta(self, can: np.ndarray, q_future: np.ndarray) -> np.ndarray:
+        """Seconds until the first SLO metric's forecast median crosses its SLO: 0 if the latest
+        observed value already breaches; within the horizon from the forecast; beyond it by the
+        least-squares trend of the window. NaN = no breach within `max_eta_s`."""
+        n = len(can)
+        slo_idx = self._slo_idx
+        if len(slo_idx) == 0:
+            return np.full(n, np.nan)
+        H = self.spec.horizon
+        sign, slo = self._slo_sign, self._slo[slo_idx]
+        med = self.scaler.inverse(q_future[..., self._q_mid])[:, :, slo_idx]  # [N, H, K]
+        x = can[:, :, slo_idx].astype(np.float64)  # [N, W, K]
+        ok = np.isfinite(x)
+        mean = _masked_mean(x)
+        xf = np.where(ok, x, mean[:, None, :])  # gaps → window mean (neutral for the slope)
+        last = xf[:, -1]
+        slope = np.einsum("t,ntk->nk", self._slope_w, xf)  # units per step
+        step = float(self._step_s)
+        cross = sign * (med - slo) > 0  # [N, H, K]
+        any_cross = cross.any(1)
+        first = np.where(any_cross, (cross.argmax(1) + 1) * step, np.nan)
+        toward = sign * slope
+        gap = sign * (slo - med[:, -1])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            trend = np.where((toward > 0) & (gap > 0), H * step + gap / toward * step, np.nan)
+        per = np.where(any_cross, first, trend)
+        per = np.where(sign * (last - slo) > 0, 0.0, per)
+        per = np.where(per <= self.weights.max_eta_s, per, np.inf)
+        eta = per.min(axis=1)
+        return np.where(np.isfinite(eta), eta, np.nan)
+
+    def _kind_raw(self, fe: np.ndarray, det: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """fe [N,2], det [N,2] raw → normalised forecast, detector, mixed per kind [N,2]."""
+        c = self.calibration
+        fe_n = fe / c.fe_norm
+        det_n = (det - c.det_center) / c.det_scale
+        mix = self.weights.forecast_weight
+        return fe_n, det_n, mix * fe_n + (1.0 - mix) * det_n
+
+    def _combine_raw(self, kind_raw: np.ndarray) -> np.ndarray:
+        w = np.array([self.weights.weight_application_metrics, self.weights.weight_infrastructure_metrics])
+        w = w * self._kind_present
+        return (kind_raw * w).sum(1) / max(w.sum(), 1e-12)
+
+    def _recalibrate(self) -> None:
+        comps = self.calibration.components
+        self._kind_present = np.array([self._is_app.any(), (~self._is_app).any()], float)
+        _, _, kind_raw = self._kind_raw(comps[:, :2], comps[:, 2:])
+        self._ecdf = _ecdf_fit(self._combine_raw(kind_raw))
+        self._ecdf_kind = [_ecdf_fit(kind_raw[:, k]) for k in range(2)]
+
+    def _score_block(self, can: np.ndarray, base: np.ndarray | None) -> dict[str, np.ndarray]:
+        comps = self._components(can, base)
+        fe = np.stack([comps["fe_app"], comps["fe_infra"]], 1)
+        det = np.stack([comps["det_app"], comps["det_infra"]], 1)
+        fe_n, det_n, kind_raw = self._kind_raw(fe, det)
+        raw = self._combine_raw(kind_raw)
+        score = _ecdf_apply(raw, *self._ecdf)
+        w = np.array([self.weights.weight_application_metrics,
+                      self.weights.weight_infrastructure_metrics]) * self._kind_present
+        w = w / max(w.sum(), 1e-12)
+        kind_w = np.where(self._is_app, w[0] / max(self._is_app.sum(), 1),
+                          w[1] / max((~self._is_app).sum(), 1))
+        contrib = comps["e"] * kind_w
+        total = contrib.sum(1, keepdims=True)
+        share = np.where(total > 0, contrib / np.maximum(total, 1e-12), 0.0)
+        return {
+            "score": score, "raw": raw,
+            "app_score": _ecdf_apply(kind_raw[:, 0], *self._ecdf_kind[0]),
+            "infra_score": _ecdf_apply(kind_raw[:, 1], *self._ecdf_kind[1]),
+            "forecast_error": fe_n @ w, "detector_score": det_n @ w,
+            "contributions": share, "breach_eta_s": comps["eta"],
+            "invalid": comps["invalid"], "observed": comps["observed"],
+        }
+
+    def _result(self, res: dict[str, np.ndarray], j: int) -> ScoreResult:
+        eta = float(res["breach_eta_s"][j])
+        return ScoreResult(
+            score=float(res["score"][j]), app_score=float(res["app_score"][j]),
+            infra_score=float(res["infra_score"][j]),
+            forecast_error=float(res["forecast_error"][j]),
+            detector_score=float(res["detector_score"][j]),
+            contributions={m: float(v) for m, v in zip(self._metrics, res["contributions"][j], strict=True)},
+            breach_eta_s=eta if np.isfinite(eta) else None,
+        )
+
+    # ---- persistence -----------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the bundle to one directory atomically (scorer.json, state.npz, network.pt,
+        detectors.joblib)."""
+        import joblib
+
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            atomic_write_json(tmp / "scorer.json", {
+                "format_version": FORMAT_VERSION, "spec": asdict(self.spec),
+                "weights": asdict(self.weights), "catalog": self.catalog.to_mapping(),
+                "metrics": list(self._metrics), "step_s": self._step_s, "info": self.info,
+            })
+            c = self.calibration
+            np.savez(tmp / "state.npz", center=self.scaler.center, scale=self.scaler.scale,
+                     gap_scale=self.gap_scale,
+                     components=c.components, fe_norm=c.fe_norm, det_center=c.det_center,
+                     det_scale=c.det_scale)
+            torch.save(self.network.state_dict(), tmp / "network.pt")
+            joblib.dump(self.detectors, tmp / "detectors.joblib")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CanaryScorer:
+        import joblib
+
+        path = Path(path)
+        meta_path = path / "scorer.json"
+        if not meta_path.is_file():
+            raise ModelLoadError(f"{path} is not a CanaryScorer directory (no scorer.json); "
+                                 "pass a directory written by CanaryScorer.save or a models:/ URI")
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise ModelLoadError(f"{path}: scorer format {meta.get('format_version')} is not "
+                                     f"{FORMAT_VERSION}; retrain with this canaryml version")
+            spec_d = dict(meta["spec"])
+            spec_d["quantiles"] = tuple(spec_d["quantiles"])
+            spec = NetworkSpec(**spec_d)
+            net = build_network(spec)
+            net.load_state_dict(torch.load(path / "network.pt", map_location="cpu", weights_only=True))
+            st = np.load(path / "state.npz")
+            catalog = Catalog.from_mapping(meta["catalog"], source=str(meta_path))
+            return cls(spec=spec, network=net, scaler=Scaler(st["center"], st["scale"]),
+                       metrics=tuple(meta["metrics"]), catalog=catalog, detectors=joblib.load(path / "detectors.joblib"),
+                       calibration=Calibration(st["components"], st["fe_norm"], st["det_center"],
+                                               st["det_scale"]),
+                       weights=ScorerWeights(**meta["weights"]), step_s=int(meta["step_s"]),
+                       gap_scale=st["gap_scale"], info=meta.get("info", {}))
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # corrupt/partial bundle: one clear error, not a traceback
+            raise ModelLoadError(f"{path}: cannot load CanaryScorer ({type(exc).__name__}: {exc}); "
+                                 "the directory is incomplete or from another version") from exc
+
+
+def calibrate(components: dict[str, np.ndarray], detectors: dict[str, ResidualDetector | None]
+              ) -> Calibration:
+    """Calibration state from the raw components of healthy calibration ticks."""
+    fe = np.stack([components["fe_app"], components["fe_infra"]], 1)
+    det = np.stack([components["det_app"], components["det_infra"]], 1)
+    keep = ~components["invalid"]
+    fe, det = fe[keep], det[keep]
+    if len(fe) == 0:
+        raise ScoringError("no valid healthy calibration windows; need healthy deployments "
+                           "longer than lookback + horizon")
+    fe_norm = np.maximum(np.quantile(fe, 0.99, axis=0), 1e-6)
+    center = np.median(det, axis=0)
+    thr = np.array([d.threshold_ if d is not None else 1.0 for d in
+                    (detectors.get("app"), detectors.get("infra"))])
+    scale = np.maximum(thr - center, 1e-6)
+    return Calibration(np.concatenate([fe, det], 1), fe_norm, center, scale)

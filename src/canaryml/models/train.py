@@ -1,0 +1,308 @@
+"""Library entry for training a CanaryScorer (typed arguments; `canaryml train` wraps it).
+
+Deployments are split by deployment (or by time), never by rows:
+  train → scaler + forecaster (healthy spans only: healthy deployments, pre-onset of faulty);
+  val   → early stopping (healthy spans), then split in halves: detector fit / calibration;
+  test  → held back: `test/roc_auc` (faulty post-onset ticks vs healthy deployments' ticks).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from canaryml.data.dataset import CanonicalDataset, DeploymentArrays
+from canaryml.errors import DataContractError
+from canaryml.models.detectors import DetectorSpec, ResidualDetector
+from canaryml.models.forecaster import Forecaster, fit_forecaster
+from canaryml.models.networks import NetworkSpec, build_network
+from canaryml.models.scorer import Calibration, CanaryScorer, ScorerWeights, calibrate
+from canaryml.models.windows import (
+    DeploymentInfo,
+    Scaler,
+    WindowDataset,
+    deployment_infos,
+    healthy_mask,
+    healthy_segments,
+    split_deployments,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    max_epochs: int = 8
+    batch_size: int = 256
+    lr: float = 3e-3
+    patience: int = 2
+    stride: int = 2
+    max_train_windows: int = 40000
+    split: str = "deployment"
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    accelerator: str = "auto"
+    devices: int = 1
+    progress_bar: bool = True
+    num_threads: int = 0
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    network: NetworkSpec = field(default_factory=NetworkSpec)
+    detector: DetectorSpec = field(default_factory=DetectorSpec)
+    weights: ScorerWeights = field(default_factory=ScorerWeights)
+    trainer: TrainerSpec = field(default_factory=TrainerSpec)
+    seed: int = 0
+    since: str | None = None  # only deployments starting at/after this UTC time
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    scorer: CanaryScorer
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    split: dict[str, tuple[str, ...]]
+
+
+def _select(infos: list[DeploymentInfo], since: str | None) -> list[DeploymentInfo]:
+    if since is None:
+        return infos
+    try:
+        t = pd.Timestamp(since)
+    except ValueError as exc:
+        raise DataContractError(f"since={since!r} is not a timestamp; use ISO-8601, e.g. "
+                                "2026-01-01T00:00:00Z") from exc
+    t = t.tz_localize("UTC") if t.tzinfo is None else t
+    out = [i for i in infos if i.start_s >= t.timestamp()]
+    if not out:
+        raise DataContractError(f"no deployments start at/after since={since!r}; pick an earlier "
+                                "time or ingest recent telemetry")
+    return out
+
+
+def _healthy_series(scaler: Scaler | None, arrays: Sequence[tuple[DeploymentArrays, DeploymentInfo]]
+                    ) -> list[np.ndarray]:
+    out = []
+    for arr, info in arrays:
+        for lo, hi in healthy_segments(arr, info):
+            for g in (arr.canary, arr.baseline):
+                if g is not None:
+                    out.append(g[lo:hi] if scaler is None else scaler.transform(g[lo:hi]))
+    return out
+
+
+def tick_labels(arr: DeploymentArrays, info: DeploymentInfo) -> np.ndarray:
+    """Per tick: 0 healthy, 1 faulty post-onset, -1 excluded (pre-onset of faulty, unknown)."""
+    lab = np.full(len(arr.timestamps_s), -1, dtype=np.int8)
+    if info.label == "healthy":
+        lab[:] = 0
+    elif info.label == "faulty" and info.fault_onset_s is not None:
+        lab[arr.timestamps_s >= info.fault_onset_s] = 1
+    return lab
+
+
+def evaluate(scorer: CanaryScorer, items: Sequence[tuple[DeploymentArrays, DeploymentInfo]]
+             ) -> dict[str, float]:
+    """Tick-level ROC-AUC (faulty post-onset vs healthy deployments) and healthy score stats."""
+    from sklearn.metrics import roc_auc_score
+
+    scores, labels = [], []
+    for arr, info in items:
+        s = scorer.score_series(arr)
+        lab = tick_labels(arr, info)
+        ok = np.isfinite(s) & (lab >= 0)
+        scores.append(s[ok])
+        labels.append(lab[ok])
+    s_all = np.concatenate(scores) if scores else np.zeros(0)
+    l_all = np.concatenate(labels) if labels else np.zeros(0)
+    out: dict[str, float] = {"n_ticks": float(len(s_all))}
+    if len(np.unique(l_all)) == 2:
+        out["roc_auc"] = float(roc_auc_score(l_all, s_all))
+    if (l_all == 0).any():
+        out["healthy_score_p95"] = float(np.quantile(s_all[l_all == 0], 0.95))
+    if (l_all == 1).any():
+        out["faulty_score_median"] = float(np.median(s_all[l_all == 1]))
+    return out
+
+
+def _fit_detector(spec: DetectorSpec, feats: np.ndarray, seed: int) -> ResidualDetector | None:
+    return spec.build(seed).fit(feats) if feats.shape[1] else None
+
+
+def train_scorer(dataset: CanonicalDataset, spec: TrainSpec, *, work_dir: Path | None = None,
+                 init_from: CanaryScorer | None = None) -> TrainResult:
+    """Train (or, with `init_from`, fine-tune) a CanaryScorer on `dataset`.
+
+    `init_from` keeps the champion's network architecture, metrics and scaler and continues
+    training its weights on the selected deployments (continuous learning); detectors and
+    calibration are refitted on the new data.
+    """
+    tr = spec.trainer
+    if tr.num_threads:
+        torch.set_num_threads(tr.num_threads)
+    infos = _select(deployment_infos(dataset), spec.since)
+    metrics = tuple(dataset.metrics)
+    if init_from is not None and tuple(init_from.metrics) != metrics:
+        raise DataContractError(
+            f"{dataset.path}: metrics {list(metrics)} differ from the model's "
+            f"{list(init_from.metrics)}; fine-tuning needs the same metrics — train from scratch"
+        )
+    if init_from is not None and init_from.step_s != dataset.step_s:
+        raise DataContractError(f"{dataset.path}: step {dataset.step_s}s differs from the model's "
+                                f"{init_from.step_s}s; re-ingest with step_s={init_from.step_s}")
+    split = split_deployments(infos, tr.val_fraction, tr.test_fraction, spec.seed, tr.split)
+    by_id = {i.deployment_id: i for i in infos}
+
+    def load(ids: Sequence[str]) -> list[tuple[DeploymentArrays, DeploymentInfo]]:
+        return [(dataset.arrays(d), by_id[d]) for d in ids]
+
+    train_items, val_items, test_items = load(split.train), load(split.val), load(split.test)
+    if not train_items or not val_items:
+        raise DataContractError(
+            f"{dataset.path}: {len(infos)} deployment(s) are too few to split into train/val "
+            f"(val_fraction={tr.val_fraction}); add deployments or lower trainer.val_fraction"
+        )
+    net_spec = init_from.spec if init_from is not None else NetworkSpec(
+        **{**spec.network.__dict__, "n_metrics": len(metrics)})
+    raw_train = _healthy_series(None, train_items)
+    if not raw_train:
+        raise DataContractError(f"{dataset.path}: no healthy telemetry in the training split; "
+                                "train needs healthy deployments or pre-onset spans")
+    scaler = init_from.scaler if init_from is not None else Scaler.fit(raw_train)
+    gap_scale = init_from.gap_scale if init_from is not None else _gap_scale(scaler, train_items)
+    w = net_spec.lookback + net_spec.horizon
+    train_ds = WindowDataset(_healthy_series(scaler, train_items), net_spec.lookback,
+                             net_spec.horizon, tr.stride, tr.max_train_windows, spec.seed)
+    val_ds = WindowDataset(_healthy_series(scaler, val_items), net_spec.lookback, net_spec.horizon,
+                           max(tr.stride, 2), tr.max_train_windows // 4, spec.seed)
+    if len(train_ds) == 0:
+        raise DataContractError(
+            f"{dataset.path}: no healthy span is ≥ {w} steps (lookback {net_spec.lookback} + "
+            f"horizon {net_spec.horizon}); lower forecaster.lookback or use longer deployments"
+        )
+    log.info("training %s forecaster on %d windows (val %d), %d metrics", net_spec.kind,
+             len(train_ds), len(val_ds), len(metrics))
+    net = build_network(net_spec)
+    if init_from is not None:
+        net.load_state_dict(init_from.network.state_dict())
+    module = Forecaster(net, net_spec.quantiles, lr=tr.lr)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="canaryml-train-") as tmp:
+        module, history, sec_per_epoch = fit_forecaster(
+            module, train_ds, val_ds, max_epochs=tr.max_epochs, batch_size=tr.batch_size,
+            patience=tr.patience, work_dir=Path(work_dir or tmp), accelerator=tr.accelerator,
+            devices=tr.devices, progress_bar=tr.progress_bar, seed=spec.seed)
+    fit_s = time.perf_counter() - t0
+
+    # detectors + calibration on healthy ticks of the validation deployments (never train)
+    catalog = dataset.catalog.with_metrics(metrics) if init_from is None else init_from.catalog
+    dummy = Calibration(np.ones((2, 4)), np.ones(2), np.zeros(2), np.ones(2))
+    pre = CanaryScorer(spec=net_spec, network=module.net, scaler=scaler, metrics=metrics,
+                       catalog=catalog,
+                       detectors={"app": None, "infra": None}, calibration=dummy,
+                       weights=spec.weights, step_s=dataset.step_s, gap_scale=gap_scale)
+    half = max(1, len(val_items) // 2) if len(val_items) > 1 else 1
+    fit_items = val_items[:half]
+    cal_items = val_items[half:] or val_items
+    fit_comps = _healthy_components(pre, fit_items)
+    detectors: dict[str, ResidualDetector | None] = {}
+    for kind, mask in (("app", pre._is_app), ("infra", ~pre._is_app)):
+        feats = np.concatenate([fit_comps["e_d"][:, mask], fit_comps["e_drift"][:, mask]], 1)
+        detectors[kind] = _fit_detector(spec.detector, feats, spec.seed) if mask.any() else None
+    pre = CanaryScorer(spec=net_spec, network=module.net, scaler=scaler, metrics=metrics,
+                       catalog=catalog, detectors=detectors, calibration=dummy,
+                       weights=spec.weights, step_s=dataset.step_s, gap_scale=gap_scale)
+    cal = calibrate(_healthy_components(pre, cal_items), detectors)
+    scorer = CanaryScorer(spec=net_spec, network=module.net, scaler=scaler, metrics=metrics,
+                          catalog=catalog,
+                          detectors=detectors, calibration=cal, weights=spec.weights,
+                          step_s=dataset.step_s, gap_scale=gap_scale,
+                          info={"dataset_hash": dataset.content_hash, "trained_at": time.time(),
+                                "init_from": init_from.info.get("model_uri") if init_from else None})
+    metrics_out: dict[str, float] = {"train/fit_s": fit_s, "train/sec_per_epoch": sec_per_epoch,
+                                     "train/epochs": float(len(history)),
+                                     "train/windows": float(len(train_ds))}
+    if history:
+        last = history[-1]
+        metrics_out |= {k: v for k, v in last.items() if k != "epoch"}
+        metrics_out["val/best_loss"] = min(h.get("val/loss", np.inf) for h in history)
+    for stage, items in (("test", test_items),):
+        if items:
+            metrics_out |= {f"{stage}/{k}": v for k, v in evaluate(scorer, items).items()}
+    return TrainResult(scorer, metrics_out, history,
+                       {"train": split.train, "val": split.val, "test": split.test})
+
+
+def _gap_scale(scaler: Scaler, items: Sequence[tuple[DeploymentArrays, DeploymentInfo]]
+               ) -> np.ndarray:
+    """Robust per-metric spread of the scaled canary−baseline gap on healthy training ticks."""
+    gaps = []
+    for arr, info in items:
+        if arr.baseline is None:
+            continue
+        m = healthy_mask(arr.timestamps_s, info.label, info.fault_onset_s)
+        gaps.append(scaler.transform(arr.canary[m]) - scaler.transform(arr.baseline[m]))
+    n_metrics = len(scaler.center)
+    if not gaps:
+        return np.ones(n_metrics, np.float32)
+    g = np.concatenate(gaps)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        q25, q75 = np.nanpercentile(g, [25, 75], axis=0)
+    s = (q75 - q25) / 1.349
+    return np.where(np.isfinite(s) & (s > 0.05), s, 0.05).astype(np.float32)
+
+
+def _healthy_components(scorer: CanaryScorer, items: Sequence[tuple[DeploymentArrays, DeploymentInfo]]
+                        ) -> dict[str, np.ndarray]:
+    """Raw components of every valid window that ends on a healthy tick."""
+    parts: dict[str, list[np.ndarray]] = {}
+    w = scorer.lookback
+    for arr, info in items:
+        if len(arr.timestamps_s) < w:
+            continue
+        mask = healthy_mask(arr.timestamps_s, info.label, info.fault_onset_s)[w - 1:]
+        if not mask.any():
+            continue
+        vc = np.lib.stride_tricks.sliding_window_view(arr.canary, w, axis=0).transpose(0, 2, 1)[mask]
+        vb = (None if arr.baseline is None else
+              np.lib.stride_tricks.sliding_window_view(arr.baseline, w, axis=0).transpose(0, 2, 1)[mask])
+        comps = scorer._components(np.ascontiguousarray(vc),
+                                   None if vb is None else np.ascontiguousarray(vb))
+        keep = ~comps["invalid"]
+        for k in ("fe_app", "fe_infra", "det_app", "det_infra", "e_d", "e_drift", "invalid"):
+            parts.setdefault(k, []).append(comps[k][keep])
+    if not parts:
+        raise DataContractError("no healthy windows in the calibration split; need healthy "
+                                "deployments longer than lookback + horizon")
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def spec_from_mapping(forecaster: dict[str, Any], detector: dict[str, Any], scorer: dict[str, Any],
+                      trainer: dict[str, Any], seed: int = 0, since: str | None = None) -> TrainSpec:
+    """TrainSpec from plain config mappings (the task layer converts DictConfig to dicts)."""
+    from canaryml.errors import ConfigError
+
+    f = dict(forecaster)
+    f["quantiles"] = tuple(float(q) for q in f.get("quantiles", (0.1, 0.5, 0.9)))
+    d = dict(detector)
+    kind = d.pop("kind", "iforest")
+    t = {k: v for k, v in trainer.items() if k not in ("init_from", "since")}
+    try:
+        return TrainSpec(network=NetworkSpec(**f), detector=DetectorSpec(kind, tuple(sorted(d.items()))),
+                         weights=ScorerWeights(**scorer), trainer=TrainerSpec(**t), seed=seed,
+                         since=since)
+    except TypeError as exc:
+        raise ConfigError(f"unknown key in forecaster/detector/scorer/trainer config: {exc}") from exc

@@ -1,0 +1,107 @@
+"""`canaryml train dataset=DIR forecaster=lstm|transformer detector=iforest|ocsvm trainer.…=…`
+
+Trains a CanaryScorer, logs the run to MLflow (config, dataset hash, git commit, stage/name
+metrics, loss curves), logs the scorer as a pyfunc, registers a `canary-scorer` version and
+points `@challenger` at it.
+
+Continuous learning (the periodic retrain job, see serving/cronjob-retrain.yaml):
+`canaryml train trainer.init_from=models:/canary-scorer@champion dataset=DIR
+trainer.since=2026-01-01T00:00:00Z` fine-tunes the champion on recent telemetry
+(`init_from=` and `since=` at top level work too).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, cast
+
+from omegaconf import DictConfig, OmegaConf
+
+from canaryml.data.dataset import CanonicalDataset
+from canaryml.errors import ConfigError, DataContractError
+from canaryml.paths import repo_root
+
+log = logging.getLogger(__name__)
+
+
+def _dataset(path_value: str) -> CanonicalDataset:
+    path = Path(path_value)
+    if not path.is_absolute() and not path.exists():
+        path = repo_root() / path
+    if not (path / "manifest.json").is_file():
+        raise DataContractError(
+            f"dataset {path_value!r} ({path}) is not a canonical dataset (no manifest.json). "
+            "Create one first: `canaryml simulate out=data/raw/simulated` then "
+            "`canaryml ingest source=bundle input=data/raw/simulated out=data/processed/simulated`"
+        )
+    return CanonicalDataset(path)
+
+
+def _loss_figure(history: list[dict[str, float]]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for key in ("train/loss", "val/loss"):
+        pts = [(h["epoch"], h[key]) for h in history if key in h]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("pinball loss")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def run(cfg: DictConfig) -> int:
+    import mlflow
+
+    from canaryml import tracking
+    from canaryml.models.train import spec_from_mapping, train_scorer
+
+    def as_dict(node: Any) -> dict[str, Any]:
+        return cast(dict[str, Any], OmegaConf.to_container(node, resolve=True))
+
+    init_from = cfg.get("init_from") or cfg.trainer.get("init_from")
+    since = cfg.get("since") or cfg.trainer.get("since")
+    if since is not None and not init_from:
+        log.warning("since=%s without init_from: training from scratch on recent data only", since)
+    spec = spec_from_mapping(as_dict(cfg.forecaster), as_dict(cfg.detector), as_dict(cfg.scorer),
+                             as_dict(cfg.trainer), seed=int(cfg.seed),
+                             since=None if since is None else str(since))
+    dataset = _dataset(str(cfg.dataset))
+    tracking.configure(cfg.mlflow.tracking_uri)
+    champion = None
+    if init_from:
+        if not str(init_from).startswith(("models:/", "runs:/")) and not Path(str(init_from)).is_dir():
+            raise ConfigError(f"init_from={init_from!r}: use models:/canary-scorer@champion, "
+                              "runs:/<id>/scorer or a scorer directory")
+        champion = tracking.load_scorer(str(init_from))
+    full_cfg = as_dict(cfg)
+    with tracking.start_run(full_cfg, experiment=str(cfg.mlflow.experiment),
+                            run_name=f"train-{spec.network.kind}-{spec.detector.kind}",
+                            dataset_hash=dataset.content_hash,
+                            tags={"command": "train", "init_from": str(init_from or "")}) as run:
+        result = train_scorer(dataset, spec, init_from=champion)
+        for h in result.history:
+            mlflow.log_metrics({k: v for k, v in h.items() if k != "epoch"}, step=int(h["epoch"]))
+        mlflow.log_metrics(result.metrics)
+        if result.history:
+            import matplotlib.pyplot as plt
+
+            fig = _loss_figure(result.history)
+            mlflow.log_figure(fig, "plots/loss_curves.png")
+            plt.close(fig)
+        mlflow.log_dict({k: list(v) for k, v in result.split.items()}, "split.json")
+        version = tracking.log_scorer(result.scorer, str(cfg.mlflow.registered_model),
+                                      alias="challenger")
+    auc = result.metrics.get("test/roc_auc")
+    print(f"trained {spec.network.kind}+{spec.detector.kind}: run {run.info.run_id}, "
+          f"{cfg.mlflow.registered_model} v{version.version} @challenger, "
+          f"val/best_loss={result.metrics.get('val/best_loss', float('nan')):.4f}, "
+          f"test/roc_auc={'n/a' if auc is None else f'{auc:.3f}'}, "
+          f"{result.metrics['train/sec_per_epoch']:.2f}s/epoch")
+    return 0
