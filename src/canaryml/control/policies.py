@@ -1,0 +1,247 @@
+"""Policies: everything the Controller can ask for a decision, behind one interface.
+
+A `Policy` turns (window, now, state) into (Decision, new state). Three kinds plug in:
+  * `ScorerPolicy`    — a Scorer (CanaryScorer, its forecast-only/detector-only variants, or any
+                        stand-in) + the RollbackPolicy;
+  * `ThresholdJudge`  — Argo Rollouts / Flagger style static thresholds on canary metrics with a
+                        failure limit (consecutive failed measurements);
+  * `KayentaJudge`    — Kayenta's NetflixACAJudge every `interval_s` over the last interval.
+All of them feed a score in [0, 1] (higher = worse) into the same pure `RollbackPolicy`, so
+warm-up, batch progression, promotion and the fail-safe are identical, and the replay threshold
+sweep can re-run any of them on the recorded score history.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from canaryml.catalog import Catalog
+from canaryml.control.kayenta import (
+    Classification,
+    KayentaConfig,
+    classify,
+    summary_score,
+)
+from canaryml.control.policy import PolicyConfig, PolicyState, RollbackPolicy, RollbackStrategy
+from canaryml.control.types import Action, Decision, Scorer, Window
+from canaryml.errors import ScoringError
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """A decision maker the Controller can drive. `state` is a frozen PolicyState (JSON-able via
+    `to_dict`), so the live controller can persist and resume it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def lookback(self) -> int: ...
+
+    @property
+    def rollback(self) -> RollbackPolicy: ...
+
+    def initial_state(self) -> PolicyState: ...
+
+    def step(self, window: Window | None, now_s: float, state: PolicyState, *,
+             failure: str | None = None) -> tuple[Decision, PolicyState]: ...
+
+
+@dataclass
+class ScorerPolicy:
+    """Scorer + RollbackPolicy. A scorer exception becomes a fail-safe PAUSE with the reason."""
+
+    name: str
+    scorer: Scorer
+    rollback: RollbackPolicy = field(default_factory=RollbackPolicy)
+    model_version: str | None = None
+
+    @property
+    def lookback(self) -> int:
+        return int(self.scorer.lookback)
+
+    def initial_state(self) -> PolicyState:
+        return self.rollback.initial_state()
+
+    def step(self, window: Window | None, now_s: float, state: PolicyState, *,
+             failure: str | None = None) -> tuple[Decision, PolicyState]:
+        if failure is not None or window is None:
+            return self.rollback.decide(None, now_s, state, failure=failure or "no window")
+        if state.final is not None:  # terminal: no need to score again
+            return self.rollback.decide(None, now_s, state)
+        try:
+            result = self.scorer.score(window)
+        except Exception as exc:  # fail-safe boundary: a broken model pauses, never acts
+            level = logging.DEBUG if isinstance(exc, ScoringError) else logging.WARNING
+            log.log(level, "policy=%s deployment=%s scorer failed: %s: %s", self.name,
+                        window.deployment_id, type(exc).__name__, exc)
+            return self.rollback.decide(None, now_s, state,
+                                        failure=f"scorer failed: {type(exc).__name__}: {exc}")
+        top = sorted(result.contributions.items(), key=lambda kv: -kv[1])[:5]
+        evidence = {"app_score": result.app_score, "infra_score": result.infra_score,
+                    "forecast_error": result.forecast_error,
+                    "detector_score": result.detector_score,
+                    "breach_eta_s": result.breach_eta_s,
+                    "contributions": {m: round(v, 4) for m, v in top if v > 0}}
+        return self.rollback.decide(result.score, now_s, state, reasons=result.top_reasons(3),
+                                    evidence=evidence)
+
+
+def _recent(window: Window, seconds: float) -> np.ndarray:
+    """Row mask of the window's samples in (now − seconds, now]."""
+    ts = np.asarray(window.timestamps_s, dtype=np.float64)
+    return (ts > window.now_s - seconds) & (ts <= window.now_s)
+
+
+@dataclass
+class ThresholdJudge:
+    """Argo Rollouts AnalysisTemplate / Flagger style: each tick one measurement per metric
+    (mean of the canary over the last `measure_s`), failed when it exceeds its limit; the canary
+    is aborted after `failure_limit` consecutive failed measurements.
+
+    Score = clip(max(value/limit) / 2, 0, 1), threshold 0.5 (so `score > 0.5` ⇔ some metric over
+    its limit); sweeping the threshold sweeps the limits by the same factor."""
+
+    limits: Mapping[str, float] = field(
+        default_factory=lambda: {"error_rate": 0.05, "latency_p99": 1.0})
+    failure_limit: int = 3
+    measure_s: float = 60.0
+    base: PolicyConfig = field(default_factory=PolicyConfig)
+    name: str = "argo"
+    step_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        self.rollback = RollbackPolicy(replace(
+            self.base, rollback_threshold=0.5, clean_threshold=None, breach_inclusive=False,
+            consecutive_breaches=int(self.failure_limit),
+            rollback_strategy=RollbackStrategy.IMMEDIATE))
+
+    @property
+    def lookback(self) -> int:
+        return max(1, math.ceil(self.measure_s / self.step_s))
+
+    def initial_state(self) -> PolicyState:
+        return self.rollback.initial_state()
+
+    def measure(self, window: Window) -> tuple[float | None, dict[str, float]]:
+        rows = _recent(window, self.measure_s)
+        values: dict[str, float] = {}
+        ratios = []
+        for metric, limit in self.limits.items():
+            if metric not in window.metrics:
+                continue
+            col = window.canary[rows, window.metrics.index(metric)]
+            col = col[np.isfinite(col)]
+            if len(col):
+                values[metric] = float(col.mean())
+                ratios.append(values[metric] / limit)
+        if not ratios:
+            return None, values
+        return float(np.clip(max(ratios) / 2.0, 0.0, 1.0)), values
+
+    def step(self, window: Window | None, now_s: float, state: PolicyState, *,
+             failure: str | None = None) -> tuple[Decision, PolicyState]:
+        if failure is not None or window is None:
+            return self.rollback.decide(None, now_s, state, failure=failure or "no window")
+        score, values = self.measure(window)
+        if score is None:
+            return self.rollback.decide(
+                None, now_s, state, failure=f"no measurement for {sorted(self.limits)}")
+        over = [f"{m}={v:.4g}>{self.limits[m]:.4g}" for m, v in values.items()
+                if v > self.limits[m]]
+        return self.rollback.decide(score, now_s, state, reasons=over,
+                                    evidence={"measurements": values})
+
+
+@dataclass
+class KayentaJudge:
+    """Kayenta NetflixACAJudge run every `interval_s` over the last `interval_s` of canary vs
+    baseline. Score = 1 − kayenta/100; an interval at or below `marginal` ends the run
+    (ROLLBACK, inclusive threshold 1 − marginal/100); an interval at or above `pass` is clean
+    (threshold 1 − pass/100); in between holds the batch. Between evaluations the policy sees
+    the last interval's score."""
+
+    catalog: Catalog
+    config: KayentaConfig = field(default_factory=KayentaConfig)
+    interval_s: float = 300.0
+    base: PolicyConfig = field(default_factory=PolicyConfig)
+    name: str = "kayenta"
+    step_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.rollback = RollbackPolicy(replace(
+            self.base, rollback_threshold=1.0 - c.marginal_threshold / 100.0,
+            clean_threshold=1.0 - c.pass_threshold / 100.0, breach_inclusive=True,
+            consecutive_breaches=1, rollback_strategy=RollbackStrategy.IMMEDIATE))
+        self._memo: dict[tuple[str, float, int], tuple[float, dict[str, Any]]] = {}
+
+    @property
+    def lookback(self) -> int:
+        return max(2, math.ceil(self.interval_s / self.step_s))
+
+    def initial_state(self) -> PolicyState:
+        return self.rollback.initial_state()
+
+    def judge(self, window: Window) -> tuple[float, dict[str, Any]]:
+        """Kayenta score 0..100 of the last interval and the per-metric classifications."""
+        # replay's shadow run asks for the same interval again; the key includes the data
+        rows = _recent(window, self.interval_s)
+        base = b"" if window.baseline is None else window.baseline[rows].tobytes()
+        key = (window.deployment_id, float(window.now_s), hash((window.canary[rows].tobytes(), base)))
+        hit = self._memo.get(key)
+        if hit is None:
+            if self._memo and next(iter(self._memo))[0] != window.deployment_id:
+                self._memo.clear()  # keep one deployment's intervals only
+            hit = self._judge(window)
+            self._memo[key] = hit
+        return hit
+
+    def _judge(self, window: Window) -> tuple[float, dict[str, Any]]:
+        if window.baseline is None:
+            raise ValueError("Kayenta needs a baseline group; this deployment has none")
+        rows = _recent(window, self.interval_s)
+        results = []
+        groups = {}
+        for j, metric in enumerate(window.metrics):
+            spec = self.catalog.get(metric)
+            groups[metric] = str(spec.kind)
+            results.append(classify(metric, window.canary[rows, j], window.baseline[rows, j],
+                                    spec.direction, self.config))
+        score, group_scores = summary_score(results, groups, self.config)
+        failed = [f"{r.metric}:{r.classification}(x{r.effect_size:.2f})" for r in results
+                  if r.classification in (Classification.HIGH, Classification.LOW)]
+        return score, {"kayenta_score": score, "group_scores": group_scores, "failed": failed}
+
+    def step(self, window: Window | None, now_s: float, state: PolicyState, *,
+             failure: str | None = None) -> tuple[Decision, PolicyState]:
+        if failure is not None or window is None:
+            return self.rollback.decide(None, now_s, state, failure=failure or "no window")
+        started = now_s if state.started_at_s is None else state.started_at_s
+        due = (now_s - started >= self.interval_s if state.last_eval_s is None
+               else now_s - state.last_eval_s >= self.interval_s)
+        if not due:
+            if state.last_score is None:
+                st = replace(state, started_at_s=started, ticks=state.ticks + 1)
+                return Decision(Action.CONTINUE, "awaiting the first Kayenta interval", None,
+                                {"reasons": ["awaiting the first Kayenta interval"]}), st
+            return self.rollback.decide(state.last_score, now_s, state,
+                                        reasons=["last Kayenta interval"],
+                                        evidence={"kayenta_score": 100 * (1 - state.last_score)})
+        try:
+            kscore, evidence = self.judge(window)
+        except Exception as exc:  # a judge failure pauses like a scorer failure
+            return self.rollback.decide(None, now_s, state,
+                                        failure=f"kayenta failed: {type(exc).__name__}: {exc}")
+        score = 1.0 - kscore / 100.0
+        decision, st = self.rollback.decide(score, now_s, state, reasons=evidence["failed"],
+                                            evidence=evidence)
+        return decision, replace(st, last_eval_s=now_s, last_score=score)

@@ -1,0 +1,198 @@
+"""RollbackPolicy: a pure function of the score history (DESIGN §3).
+
+`RollbackPolicy.decide(score, now_s, state)` → `(Decision, new_state)`. No I/O, no clock, no
+randomness: the same inputs always give the same decision, which is what lets replay, the
+threshold sweep and the live controller agree.
+
+Canary progression (seed parameters):
+  * the canary runs in batches of `canary_batch_size` replicas, starting with one batch, up to
+    `max_batches`;
+  * nothing is decided (except the fail-safe) during `warmup_s` after the first tick;
+  * a tick *breaches* when `score > rollback_threshold` (`>=` with `breach_inclusive`); after
+    `consecutive_breaches` breaches in a row the policy acts:
+      - `immediate`: ROLLBACK at once;
+      - `gradual`: SHRINK one batch per breaching tick while the score stays over the threshold,
+        ROLLBACK when the canary is shrunk to zero batches;
+  * a batch is *clean* while `score <= clean_threshold` (default: the rollback threshold);
+    a tick between the two thresholds ("marginal") is neither a breach nor clean: it holds the
+    progression and restarts the clean period;
+  * after a batch stays clean for `batch_interval_s` the canary grows by one batch (CONTINUE
+    with evidence `batch`); after the last batch stays clean → PROMOTE;
+  * fail-safe: a missing score (NaN / None, or a failure reason from the controller — source
+    down, all-NaN window, scorer exception) → PAUSE with the reason. It never rolls back or
+    promotes on its own; it does not count as a breach, and it restarts the clean period (a
+    gap in the data is not evidence of health).
+
+ROLLBACK and PROMOTE are terminal: the state remembers them and later calls repeat them.
+For evaluation, "rolled back" means the first SHRINK or ROLLBACK (see canaryml.replay.evaluate).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import StrEnum
+from typing import Any
+
+from canaryml.control.types import Action, Decision
+from canaryml.errors import ConfigError
+
+
+class RollbackStrategy(StrEnum):
+    IMMEDIATE = "immediate"
+    GRADUAL = "gradual"
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Seed parameters of the rollback policy (conf/policy/default.yaml)."""
+
+    rollback_threshold: float = 0.5
+    monitoring_interval_s: float = 30.0
+    canary_batch_size: int = 1
+    rollback_strategy: RollbackStrategy = RollbackStrategy.IMMEDIATE
+    consecutive_breaches: int = 2
+    warmup_s: float = 120.0
+    batch_interval_s: float = 600.0
+    max_batches: int = 5
+    clean_threshold: float | None = None  # None = rollback_threshold
+    breach_inclusive: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "rollback_strategy", RollbackStrategy(self.rollback_strategy))
+        except ValueError as exc:
+            raise ConfigError(f"policy.rollback_strategy={self.rollback_strategy!r} is unknown; "
+                              "use immediate or gradual") from exc
+        checks = [
+            (self.monitoring_interval_s > 0, "monitoring_interval_s", "a positive number of seconds"),
+            (self.canary_batch_size >= 1, "canary_batch_size", "an integer ≥ 1"),
+            (self.consecutive_breaches >= 1, "consecutive_breaches", "an integer ≥ 1"),
+            (self.warmup_s >= 0, "warmup_s", "≥ 0 seconds"),
+            (self.batch_interval_s >= 0, "batch_interval_s", "≥ 0 seconds"),
+            (self.max_batches >= 1, "max_batches", "an integer ≥ 1"),
+            (math.isfinite(self.rollback_threshold), "rollback_threshold", "a finite number"),
+        ]
+        for ok, name, want in checks:
+            if not ok:
+                raise ConfigError(f"policy.{name}={getattr(self, name)!r} is invalid; it must be "
+                                  f"{want} (conf/policy/*.yaml or `policy.{name}=…`)")
+        if self.clean_threshold is not None and self.clean_threshold > self.rollback_threshold:
+            raise ConfigError(f"policy.clean_threshold={self.clean_threshold} exceeds "
+                              f"rollback_threshold={self.rollback_threshold}; it must be ≤ it")
+
+    @property
+    def clean_at(self) -> float:
+        return self.rollback_threshold if self.clean_threshold is None else self.clean_threshold
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> PolicyConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"policy config has unknown key(s) {unknown}; allowed: "
+                              f"{sorted(known)}")
+        return cls(**dict(data))
+
+    def with_threshold(self, threshold: float) -> PolicyConfig:
+        """Copy at another rollback threshold (the clean threshold keeps its offset)."""
+        clean = None if self.clean_threshold is None else (
+            self.clean_threshold + threshold - self.rollback_threshold)
+        return replace(self, rollback_threshold=float(threshold), clean_threshold=clean)
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    """Everything the policy remembers between ticks (JSON-able via to_dict/from_dict)."""
+
+    started_at_s: float | None = None
+    batch: int = 1
+    breaches: int = 0
+    clean_since_s: float | None = None
+    final: Action | None = None  # ROLLBACK or PROMOTE once reached
+    ticks: int = 0
+    # interval judges (Kayenta) evaluate every interval and hold their last score in between
+    last_eval_s: float | None = None
+    last_score: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["final"] = None if self.final is None else str(self.final)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PolicyState:
+        d = dict(d)
+        if d.get("final") is not None:
+            d["final"] = Action(d["final"])
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
+
+
+@dataclass(frozen=True)
+class RollbackPolicy:
+    config: PolicyConfig = field(default_factory=PolicyConfig)
+
+    def initial_state(self) -> PolicyState:
+        return PolicyState()
+
+    def decide(self, score: float | None, now_s: float, state: PolicyState, *,
+               failure: str | None = None, reasons: Sequence[str] = (),
+               evidence: Mapping[str, Any] | None = None) -> tuple[Decision, PolicyState]:
+        """One tick. `score` in [0, 1] (higher = worse) or None/NaN; `failure` says why there is
+        no usable score. `reasons`/`evidence` are passed through into the Decision."""
+        cfg = self.config
+        ev: dict[str, Any] = dict(evidence or {})
+        ev["reasons"] = list(reasons)
+        ev["threshold"] = cfg.rollback_threshold
+        if state.final is not None:
+            ev |= {"batch": state.batch, "replicas": state.batch * cfg.canary_batch_size}
+            return Decision(state.final, f"already {state.final}", score, ev), state
+        started = now_s if state.started_at_s is None else state.started_at_s
+        st = replace(state, started_at_s=started, ticks=state.ticks + 1)
+
+        def out(action: Action, reason: str, new: PolicyState) -> tuple[Decision, PolicyState]:
+            ev.update(batch=new.batch, replicas=new.batch * cfg.canary_batch_size,
+                      breaches=new.breaches)
+            if not ev["reasons"]:
+                ev["reasons"] = [reason]
+            return Decision(action, reason, score, ev), new
+
+        if failure is not None or score is None or not math.isfinite(score):
+            why = failure or "no score (missing data)"
+            return out(Action.PAUSE, f"fail-safe: {why}; holding the canary",
+                       replace(st, clean_since_s=None))
+        if now_s - started < cfg.warmup_s:
+            return out(Action.CONTINUE, f"warm-up ({now_s - started:.0f}/{cfg.warmup_s:.0f} s)",
+                       st)
+        breach = score >= cfg.rollback_threshold if cfg.breach_inclusive else (
+            score > cfg.rollback_threshold)
+        if breach:
+            n = st.breaches + 1
+            st = replace(st, breaches=n, clean_since_s=None)
+            if n < cfg.consecutive_breaches:
+                return out(Action.CONTINUE, f"score {score:.3f} over threshold "
+                           f"{cfg.rollback_threshold:.3f} ({n}/{cfg.consecutive_breaches})", st)
+            if cfg.rollback_strategy is RollbackStrategy.GRADUAL and st.batch > 1:
+                st = replace(st, batch=st.batch - 1)
+                return out(Action.SHRINK, f"score {score:.3f} over threshold "
+                           f"{cfg.rollback_threshold:.3f} {n}× in a row: shrink to batch "
+                           f"{st.batch}", st)
+            st = replace(st, batch=0, final=Action.ROLLBACK)
+            return out(Action.ROLLBACK, f"score {score:.3f} over threshold "
+                       f"{cfg.rollback_threshold:.3f} {n}× in a row: roll back", st)
+        st = replace(st, breaches=0)
+        if score > cfg.clean_at:
+            return out(Action.CONTINUE, f"marginal score {score:.3f} (clean ≤ {cfg.clean_at:.3f}): "
+                       "holding batch", replace(st, clean_since_s=None))
+        clean_since = now_s if st.clean_since_s is None else st.clean_since_s
+        st = replace(st, clean_since_s=clean_since)
+        if now_s - clean_since < cfg.batch_interval_s:
+            return out(Action.CONTINUE, f"batch {st.batch} clean for "
+                       f"{now_s - clean_since:.0f}/{cfg.batch_interval_s:.0f} s", st)
+        if st.batch >= cfg.max_batches:
+            st = replace(st, final=Action.PROMOTE)
+            return out(Action.PROMOTE, f"all {cfg.max_batches} batches clean: promote", st)
+        st = replace(st, batch=st.batch + 1, clean_since_s=now_s)
+        return out(Action.CONTINUE, f"batch {st.batch - 1} clean for "
+                   f"{cfg.batch_interval_s:.0f} s: grow to batch {st.batch}", st)

@@ -1,0 +1,1 @@
+"""Replay: past deployments through the same Controller.step, on a simulated clock (DESIGN §7)."""

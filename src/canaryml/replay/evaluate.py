@@ -1,0 +1,149 @@
+"""Evaluation protocol (DESIGN §7) and the threshold sweep.
+
+"Rolled back" = the first SHRINK or ROLLBACK of a deployment (a gradual policy's first shrink
+already takes traffic away from the canary). Per policy, over deployments labelled
+faulty/healthy (`unknown` is left out):
+  * detection_rate       = faulty rolled back / faulty;
+  * false_rollback_rate  = healthy rolled back / healthy;
+  * caught_before_impact = faulty rolled back before `impact_at` (or rolled back and never
+                           impacted) / faulty;
+  * lead_time_s          = impact_at − decided_at over rolled-back faulty canaries with an
+                           impact (positive = before users were hurt), p10/p50/p90;
+  * time_to_detect_s     = decided_at − fault_onset, p10/p50/p90.
+
+The sweep re-runs the RollbackPolicy state machine on the recorded score histories (no
+rescoring) for every threshold at once: `sweep_first_rollback` is a vectorised transcription of
+`RollbackPolicy.decide` (a unit test holds it equal to the scalar policy on random histories).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from canaryml.control.policy import PolicyConfig, RollbackStrategy
+
+ROLLED_BACK = ("shrink", "rollback")
+
+
+@dataclass(frozen=True)
+class ScoreHistory:
+    """Per-tick decision times and scores of one policy over D deployments, padded with NaN
+    times past each deployment's end. A NaN score is a fail-safe tick (no usable score)."""
+
+    deployment_ids: tuple[str, ...]
+    times_s: np.ndarray  # float64 [D, T]
+    scores: np.ndarray  # float64 [D, T]
+
+
+def sweep_first_rollback(history: ScoreHistory, cfg: PolicyConfig,
+                         thresholds: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Time of the first SHRINK/ROLLBACK per (threshold, deployment) → float64 [K, D], NaN for
+    none. Same rules as RollbackPolicy.decide with `cfg.with_threshold(k)`."""
+    thr = np.asarray(thresholds, float)[None, :]  # [1, K]
+    times, scores = history.times_s, history.scores
+    D, T = times.shape
+    K = thr.shape[1]
+    clean_at = thr + (cfg.clean_at - cfg.rollback_threshold)
+    started = times[:, :1]  # [D, 1]
+    batch = np.ones((D, K), np.int64)
+    breaches = np.zeros((D, K), np.int64)
+    clean_since = np.full((D, K), np.nan)
+    final = np.zeros((D, K), bool)
+    first = np.full((D, K), np.nan)
+    gradual = cfg.rollback_strategy is RollbackStrategy.GRADUAL
+    for t in range(T):
+        now = times[:, t:t + 1]
+        valid = np.isfinite(now)
+        if not valid.any():
+            break
+        active = valid & ~final
+        s = scores[:, t:t + 1]
+        fail = active & ~np.isfinite(s)
+        clean_since[fail] = np.nan
+        ok = active & np.isfinite(s) & ((now - started) >= cfg.warmup_s)
+        over = (s >= thr) if cfg.breach_inclusive else (s > thr)
+        breach = ok & over
+        breaches = np.where(breach, breaches + 1, np.where(ok, 0, breaches))
+        clean_since[breach] = np.nan
+        act = breach & (breaches >= cfg.consecutive_breaches)
+        first = np.where(act & np.isnan(first), np.broadcast_to(now, (D, K)), first)
+        if gradual:
+            shrink = act & (batch > 1)
+            batch = np.where(shrink, batch - 1, batch)
+            final |= act & ~shrink
+        else:
+            final |= act
+        c = ok & ~over
+        marginal = c & (s > clean_at)
+        clean_since[marginal] = np.nan
+        good = c & ~marginal
+        nowb = np.broadcast_to(now, (D, K))
+        clean_since = np.where(good & np.isnan(clean_since), nowb, clean_since)
+        done = good & (nowb - clean_since >= cfg.batch_interval_s)
+        promote = done & (batch >= cfg.max_batches)
+        final |= promote
+        grow = done & ~promote
+        batch = np.where(grow, batch + 1, batch)
+        clean_since = np.where(grow, nowb, clean_since)
+    return first.T
+
+
+def _pct(values: np.ndarray, q: float) -> float | None:
+    v = values[np.isfinite(values)]
+    return float(np.percentile(v, q)) if len(v) else None
+
+
+def metrics_from_times(decided_at: np.ndarray, deployments: pd.DataFrame) -> dict[str, Any]:
+    """DESIGN §7 metrics from the first-rollback time per deployment (NaN = not rolled back).
+    `deployments` aligned with `decided_at`: label, fault_onset_s, impact_at_s (NaN = none)."""
+    label = deployments["label"].to_numpy()
+    faulty, healthy = label == "faulty", label == "healthy"
+    rb = np.isfinite(decided_at)
+    impact = deployments["impact_at_s"].to_numpy(float)
+    onset = deployments["fault_onset_s"].to_numpy(float)
+    before = rb & (~np.isfinite(impact) | (decided_at < impact))
+    lead = np.where(faulty & rb & np.isfinite(impact), impact - decided_at, np.nan)
+    ttd = np.where(faulty & rb & np.isfinite(onset), decided_at - onset, np.nan)
+    nf, nh = int(faulty.sum()), int(healthy.sum())
+    out: dict[str, Any] = {
+        "n_faulty": nf, "n_healthy": nh,
+        "detection_rate": float((rb & faulty).sum() / nf) if nf else None,
+        "false_rollback_rate": float((rb & healthy).sum() / nh) if nh else None,
+        "caught_before_impact": float((before & faulty).sum() / nf) if nf else None,
+        "rolled_back_before_onset": int((faulty & rb & np.isfinite(onset)
+                                         & (decided_at < onset)).sum()),
+    }
+    for q in (10, 50, 90):
+        out[f"lead_time_s_p{q}"] = _pct(lead, q)
+        out[f"time_to_detect_s_p{q}"] = _pct(ttd, q)
+    return out
+
+
+def sweep_table(history: ScoreHistory, cfg: PolicyConfig, deployments: pd.DataFrame,
+                thresholds: np.ndarray) -> pd.DataFrame:
+    """Detection vs false rollback over `thresholds` (deployments aligned with the history)."""
+    first = sweep_first_rollback(history, cfg, thresholds)
+    rows = []
+    for k, thr in enumerate(thresholds):
+        m = metrics_from_times(first[k], deployments)
+        rows.append({"threshold": float(thr), "detection_rate": m["detection_rate"],
+                     "false_rollback_rate": m["false_rollback_rate"],
+                     "caught_before_impact": m["caught_before_impact"],
+                     "lead_time_s_p50": m["lead_time_s_p50"]})
+    return pd.DataFrame(rows)
+
+
+def operating_point(sweep: pd.DataFrame, max_frr: float) -> dict[str, Any] | None:
+    """Best threshold with false_rollback_rate ≤ max_frr: most faulty canaries caught before
+    impact, then highest detection, then the highest threshold (most conservative)."""
+    ok = sweep[sweep["false_rollback_rate"].fillna(0.0) <= max_frr + 1e-12]
+    if ok.empty:
+        return None
+    best = ok.sort_values(["caught_before_impact", "detection_rate", "threshold"],
+                          ascending=[False, False, False]).iloc[0]
+    return {str(k): (None if pd.isna(v) else float(v)) for k, v in best.items()}
