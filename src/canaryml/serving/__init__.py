@@ -1,0 +1,2 @@
+"""Live serving building blocks: sources (Prometheus, Kafka), actuators (Kubernetes, Argo
+Rollouts, dry run), the durable decision log, and the observability HTTP server."""

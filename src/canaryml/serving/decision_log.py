@@ -1,0 +1,231 @@
+"""Durable decision log (SQLite, WAL) and per-deployment controller state for resume.
+
+Write order, so that a crash never acts twice and never loses an entry:
+
+1. `record()` the decision (intent) and commit it to disk — before anything is acted on;
+2. the actuator applies it (idempotent per (deployment, step, action): a retry is a no-op);
+3. `mark_applied()` (or `mark_failed()`).
+
+After a crash between 1 and 3, `pending()` lists the intents that were never marked; the
+controller re-applies them, which the actuators' idempotency turns into a no-op when the first
+attempt had landed. Kafka offsets are committed only after step 1 (see `KafkaSource.ack`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from canaryml.control.types import Action, Decision
+from canaryml.errors import ConfigError
+
+log = logging.getLogger(__name__)
+decision_log = logging.getLogger("canaryml.decision")  # one key=value line per decision
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS decisions (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    deployment_id TEXT    NOT NULL,
+    policy        TEXT    NOT NULL,
+    step          INTEGER NOT NULL,
+    decided_at    REAL    NOT NULL,
+    action        TEXT    NOT NULL,
+    score         REAL,
+    reasons       TEXT    NOT NULL,
+    evidence      TEXT    NOT NULL,
+    model_version TEXT,
+    applied       INTEGER NOT NULL DEFAULT 0,
+    applied_at    REAL,
+    error         TEXT,
+    UNIQUE (deployment_id, policy, step)
+);
+CREATE TABLE IF NOT EXISTS controller_state (
+    deployment_id TEXT PRIMARY KEY,
+    last_step     INTEGER NOT NULL,
+    state         TEXT    NOT NULL,
+    updated_at    REAL    NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One row of the decision log."""
+
+    id: int
+    deployment_id: str
+    policy: str
+    step: int
+    decided_at: float
+    action: Action
+    score: float | None
+    reasons: tuple[str, ...]
+    evidence: dict[str, Any] = field(default_factory=dict)
+    model_version: str | None = None
+    applied: bool = False
+    applied_at: float | None = None
+    error: str | None = None
+
+    @property
+    def decision(self) -> Decision:
+        return Decision(self.action, "; ".join(self.reasons), self.score, dict(self.evidence))
+
+
+def _reasons(decision: Decision) -> list[str]:
+    raw = decision.evidence.get("reasons")
+    if isinstance(raw, list | tuple) and raw:
+        return [str(r) for r in raw]
+    return [decision.reason] if decision.reason else []
+
+
+def format_decision(deployment_id: str, step: int, decision: Decision, *,
+                    policy: str = "", model_version: str | None = None) -> str:
+    """The key=value line logged per decision (values with spaces are quoted)."""
+
+    def q(v: object) -> str:
+        s = str(v)
+        return json.dumps(s) if (not s or any(c in s for c in ' ="')) else s
+
+    score = "nan" if decision.score is None else f"{decision.score:.4f}"
+    parts = [("event", "decision"), ("deployment", deployment_id), ("step", step),
+             ("action", str(decision.action)), ("score", score)]
+    if policy:
+        parts.append(("policy", policy))
+    if model_version:
+        parts.append(("model", model_version))
+    parts.append(("reason", decision.reason))
+    return " ".join(f"{k}={q(v)}" for k, v in parts)
+
+
+class DecisionLog:
+    """SQLite-backed, thread-safe. One row per (deployment, policy, step); survives restarts."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise ConfigError(f"decision log {self.path} is a directory; give a file path such as "
+                              "data/serve/decisions.sqlite (serve.decision_log)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # an entry on disk survives power loss
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> DecisionLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- decisions ---------------------------------------------------------------------------
+    def record(self, deployment_id: str, step: int, decision: Decision, *, policy: str = "model",
+               decided_at: float | None = None, model_version: str | None = None) -> LogEntry:
+        """Durably log the intent to apply `decision` and emit the key=value line.
+
+        Idempotent: a second call for the same (deployment, policy, step) returns the entry
+        already on disk and logs nothing new (so a restarted controller cannot double-log).
+        """
+        decided_at = time.time() if decided_at is None else float(decided_at)
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO decisions (deployment_id, policy, step, decided_at, action,"
+                " score, reasons, evidence, model_version) VALUES (?,?,?,?,?,?,?,?,?)",
+                (deployment_id, policy, int(step), decided_at, str(decision.action),
+                 None if decision.score is None else float(decision.score),
+                 json.dumps(_reasons(decision)), json.dumps(decision.evidence, default=str),
+                 model_version),
+            )
+            inserted = cur.rowcount == 1
+            row = db.execute("SELECT * FROM decisions WHERE deployment_id=? AND policy=? AND step=?",
+                             (deployment_id, policy, int(step))).fetchone()
+        entry = self._entry(row)
+        if inserted:
+            decision_log.info(format_decision(deployment_id, step, decision, policy=policy,
+                                              model_version=model_version))
+        else:
+            log.info("decision for deployment=%s policy=%s step=%d already logged (action=%s)",
+                     deployment_id, policy, step, entry.action)
+        return entry
+
+    def mark_applied(self, entry_id: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE decisions SET applied=1, applied_at=?, error=NULL WHERE id=?",
+                       (time.time(), entry_id))
+
+    def mark_failed(self, entry_id: int, error: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE decisions SET applied=0, error=? WHERE id=?", (error, entry_id))
+
+    def entries(self, deployment_id: str | None = None, policy: str | None = None) -> list[LogEntry]:
+        sql, args = "SELECT * FROM decisions WHERE 1=1", list[str]()
+        if deployment_id is not None:
+            sql, args = sql + " AND deployment_id=?", [*args, deployment_id]
+        if policy is not None:
+            sql, args = sql + " AND policy=?", [*args, policy]
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY id", args).fetchall()
+        return [self._entry(r) for r in rows]
+
+    def pending(self) -> list[LogEntry]:
+        """Logged intents that were never marked applied (re-apply them after a restart)."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM decisions WHERE applied=0 ORDER BY id").fetchall()
+        return [self._entry(r) for r in rows]
+
+    # --- controller state --------------------------------------------------------------------
+    def save_state(self, deployment_id: str, step: int, state: Mapping[str, Any]) -> None:
+        """Persist the controller's per-deployment state (policy history, batch, phase)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO controller_state (deployment_id, last_step, state, updated_at) "
+                "VALUES (?,?,?,?) ON CONFLICT(deployment_id) DO UPDATE SET "
+                "last_step=excluded.last_step, state=excluded.state, updated_at=excluded.updated_at",
+                (deployment_id, int(step), json.dumps(dict(state), default=str), time.time()),
+            )
+
+    def load_state(self, deployment_id: str) -> tuple[int, dict[str, Any]] | None:
+        """(last_step, state) saved for `deployment_id`, or None for a new deployment."""
+        with self._lock:
+            row = self._db.execute("SELECT last_step, state FROM controller_state WHERE "
+                                   "deployment_id=?", (deployment_id,)).fetchone()
+        return None if row is None else (int(row[0]), json.loads(row[1]))
+
+    def states(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        with self._lock:
+            rows = self._db.execute("SELECT deployment_id, last_step, state FROM "
+                                    "controller_state").fetchall()
+        return {r[0]: (int(r[1]), json.loads(r[2])) for r in rows}
+
+    @staticmethod
+    def _entry(row: tuple[Any, ...]) -> LogEntry:
+        (id_, dep, policy, step, decided_at, action, score, reasons, evidence, model_version,
+         applied, applied_at, error) = row
+        return LogEntry(id=int(id_), deployment_id=dep, policy=policy, step=int(step),
+                        decided_at=float(decided_at), action=Action(action), score=score,
+                        reasons=tuple(json.loads(reasons)), evidence=json.loads(evidence),
+                        model_version=model_version, applied=bool(applied), applied_at=applied_at,
+                        error=error)

@@ -1,0 +1,100 @@
+"""Live Prometheus source: one PromQL query per catalog metric and group, on the step grid.
+
+Queries are templates with a `{selector}` placeholder (a label-matcher list such as
+`app="web",track="canary"`); each deployment has a canary and a baseline selector. A series
+that Prometheus does not have becomes NaN (no data: the policy pauses, never promotes). An
+unreachable server, after `retries` attempts with exponential backoff, raises `SourceError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import requests
+
+from canaryml.control.types import Window
+from canaryml.errors import ConfigError
+from canaryml.ingest.prometheus import PrometheusClient, render
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Selectors:
+    """Label matchers (without braces) that pick a deployment's canary and baseline series."""
+
+    canary: str
+    baseline: str | None = None
+
+
+render_query = render  # one implementation, shared with `canaryml ingest source=prometheus`
+
+
+class PrometheusSource:
+    """`MetricSource` over the Prometheus HTTP API (`/api/v1/query_range`), via the shared
+    `PrometheusClient` (retries with backoff on connection errors and 5xx; 4xx fails at once)."""
+
+    def __init__(self, url: str, queries: Mapping[str, str], selectors: Mapping[str, Selectors],
+                 *, step_s: float, metrics: Sequence[str] | None = None, timeout_s: float = 5.0,
+                 retries: int = 3, backoff_s: float = 0.5,
+                 session: requests.Session | None = None) -> None:
+        if step_s <= 0:
+            raise ConfigError(f"step_s={step_s} must be > 0 (serve.step_s)")
+        if retries < 0:
+            raise ConfigError(f"retries={retries} must be >= 0 (serve.source.prometheus.retries)")
+        self.metrics = tuple(metrics) if metrics is not None else tuple(queries)
+        missing = [m for m in self.metrics if m not in queries]
+        if missing:
+            raise ConfigError(f"no PromQL query for metrics {missing}; add them under "
+                              "serve.source.prometheus.queries")
+        for m in self.metrics:
+            render_query(queries[m], "")  # validates the placeholder now, not at the first tick
+        self.client = PrometheusClient(url, timeout_s=timeout_s, retries=retries,
+                                       backoff_s=backoff_s, session=session)
+        self.queries = dict(queries)
+        self.selectors = dict(selectors)
+        self.step_s = float(step_s)
+
+    def query_range(self, query: str, start_s: float, end_s: float) -> dict[float, float]:
+        """{timestamp_s: value} of one aggregated series (the mean if several match)."""
+        series = self.client.query_range(query, start_s, end_s, self.step_s)
+        if len(series) > 1:
+            log.warning("query %r returned %d series; averaging (aggregate it with sum/avg)",
+                        query, len(series))
+        acc: dict[float, list[float]] = {}
+        for s in series:
+            for ts, v in zip(s.timestamps_s.tolist(), s.values.tolist(), strict=True):
+                if math.isfinite(v):
+                    acc.setdefault(float(ts), []).append(float(v))
+        return {ts: float(np.mean(vs)) for ts, vs in acc.items()}
+
+    def fetch(self, deployment_id: str, now_s: float, lookback: int) -> Window:
+        try:
+            sel = self.selectors[deployment_id]
+        except KeyError:
+            raise ConfigError(f"deployment {deployment_id!r} has no Prometheus selectors; add "
+                              "selectors: {canary: ..., baseline: ...} to serve.deployments") from None
+        if lookback < 1:
+            raise ConfigError(f"lookback={lookback} must be >= 1")
+        end = math.floor(now_s / self.step_s) * self.step_s
+        grid = end - self.step_s * np.arange(lookback - 1, -1, -1, dtype=np.float64)
+        index = {round(t / self.step_s): i for i, t in enumerate(grid)}
+        groups = {"canary": sel.canary} | ({"baseline": sel.baseline} if sel.baseline else {})
+        out = {g: np.full((lookback, len(self.metrics)), np.nan, dtype=np.float32) for g in groups}
+        for g, selector in groups.items():
+            for j, metric in enumerate(self.metrics):
+                q = render_query(self.queries[metric], selector)
+                for ts, v in self.query_range(q, float(grid[0]), float(grid[-1])).items():
+                    i = index.get(round(ts / self.step_s))
+                    if i is not None:
+                        out[g][i, j] = v
+        nodata = [m for j, m in enumerate(self.metrics) if np.isnan(out["canary"][:, j]).all()]
+        if nodata:
+            log.warning("deployment=%s no canary data for %s", deployment_id, ",".join(nodata))
+        return Window(deployment_id=deployment_id, now_s=float(now_s),
+                      timestamps_s=grid.astype(np.int64), canary=out["canary"],
+                      baseline=out.get("baseline"), metrics=self.metrics)

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from canaryml.control.types import Action, Decision
+from canaryml.errors import ConfigError
+from canaryml.serving.decision_log import DecisionLog, format_decision
+
+
+def test_record_is_durable_idempotent_and_resumes(tmp_path: Path) -> None:
+    path = tmp_path / "log" / "decisions.sqlite"
+    with DecisionLog(path) as log:
+        e1 = log.record("d1", 1, Decision(Action.CONTINUE, "warm-up", 0.1), decided_at=100.0,
+                        model_version="3")
+        log.mark_applied(e1.id)
+        e2 = log.record("d1", 2, Decision(Action.SHRINK, "score 0.91 > 0.8", 0.91,
+                                          {"reasons": ["latency_p99=0.70", "error_rate=0.20"]}))
+        again = log.record("d1", 2, Decision(Action.PROMOTE, "other", 0.0))  # a replay of step 2
+        assert again.id == e2.id and again.action is Action.SHRINK
+        log.save_state("d1", 2, {"consecutive": 2, "batch": 1})
+        # a crash here: step 2 was logged (intent) but never marked applied
+    with DecisionLog(path) as log:  # restart
+        assert [e.step for e in log.entries("d1")] == [1, 2]
+        assert [e.step for e in log.pending()] == [2]
+        assert log.pending()[0].reasons == ("latency_p99=0.70", "error_rate=0.20")
+        assert log.entries("d1")[0].applied and log.entries("d1")[0].model_version == "3"
+        assert log.load_state("d1") == (2, {"consecutive": 2, "batch": 1})
+        assert log.load_state("unknown") is None
+        log.mark_failed(e2.id, "503 from the API server")
+        assert log.pending()[0].error == "503 from the API server"
+        log.mark_applied(e2.id)
+        assert log.pending() == []
+        assert set(log.states()) == {"d1"}
+    mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_one_key_value_line_per_new_decision(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="canaryml.decision")
+    with DecisionLog(tmp_path / "d.sqlite") as log:
+        log.record("web 1", 7, Decision(Action.ROLLBACK, "score high", 0.95), policy="model",
+                   model_version="4")
+        log.record("web 1", 7, Decision(Action.ROLLBACK, "score high", 0.95), policy="model")
+    lines = [r.getMessage() for r in caplog.records if r.name == "canaryml.decision"]
+    assert lines == ['event=decision deployment="web 1" step=7 action=rollback score=0.9500 '
+                     'policy=model model=4 reason="score high"']
+
+
+def test_format_without_score() -> None:
+    line = format_decision("d", 1, Decision(Action.PAUSE, "no data: latency_p99"))
+    assert "score=nan" in line and 'reason="no data: latency_p99"' in line
+
+
+def test_directory_path_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        DecisionLog(tmp_path)

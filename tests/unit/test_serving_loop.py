@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from canaryml.control.types import Action, Decision
+from canaryml.errors import ActuatorError, SourceError
+from canaryml.serving.decision_log import DecisionLog
+from canaryml.serving.loop import ServeLoop
+from canaryml.serving.server import Health, ServeMetrics
+
+
+class Scripted:
+    """A decider that replays a script; keeps a counter as its resumable state."""
+
+    def __init__(self, script: list[Any]) -> None:
+        self.script = script
+        self.seen: dict[str, int] = {}
+
+    def decide(self, deployment_id: str, now_s: float) -> Decision:
+        self.seen[deployment_id] = self.seen.get(deployment_id, 0) + 1
+        item = self.script.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def state(self, deployment_id: str) -> dict[str, Any]:
+        return {"seen": self.seen.get(deployment_id, 0)}
+
+    def restore(self, deployment_id: str, state: dict[str, Any]) -> None:
+        self.seen[deployment_id] = int(state.get("seen", 0))
+
+
+class Flaky:
+    def __init__(self, fail_steps: set[int]) -> None:
+        self.fail_steps = fail_steps
+        self.applied: list[tuple[str, int, Action]] = []
+
+    def apply(self, deployment_id: str, decision: Decision, step: int) -> None:
+        if step in self.fail_steps:
+            raise ActuatorError("503 from the API server")
+        if (deployment_id, step, decision.action) not in self.applied:
+            self.applied.append((deployment_id, step, decision.action))
+
+
+class Acking:
+    def __init__(self) -> None:
+        self.acked: list[str] = []
+
+    def ack(self, deployment_id: str) -> bool:
+        self.acked.append(deployment_id)
+        return True
+
+
+def test_source_down_pauses_actuator_failure_is_pending_and_restart_resumes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "decisions.sqlite"
+    decider = Scripted([Decision(Action.CONTINUE, "ok", 0.2),
+                        SourceError("prometheus unreachable after 4 attempts"),
+                        Decision(Action.SHRINK, "score 0.9 > 0.8", 0.9)])
+    actuator, health, metrics, source = Flaky({2}), Health(), ServeMetrics(), Acking()
+    loop = ServeLoop(decider, actuator, DecisionLog(path), source=source, metrics=metrics,
+                     health=health, model_version=lambda: "5", clock=lambda: 1000.0)
+    loop.tick(["d1"])
+    e1, = loop.tick(["d1"])
+    assert e1.action is Action.PAUSE
+    assert e1.reasons == ("source unavailable: prometheus unreachable after 4 attempts",)
+    assert health.snapshot()["reasons"] == {"source": "prometheus unreachable after 4 attempts"}
+    e2, = loop.tick(["d1"])  # the source is back, but the actuator fails
+    assert health.snapshot()["reasons"] == {"actuator": "503 from the API server"}
+    assert not e2.applied and loop.log.pending()[0].error == "503 from the API server"
+    assert source.acked == ["d1", "d1", "d1"]  # acked after each decision was logged
+    assert [(s, a) for _, s, a in actuator.applied] == [(0, Action.CONTINUE), (1, Action.PAUSE)]
+    loop.log.close()
+
+    # restart: same log, new process objects
+    decider2 = Scripted([Decision(Action.ROLLBACK, "score 0.97", 0.97)])
+    actuator.fail_steps.clear()
+    loop2 = ServeLoop(decider2, actuator, DecisionLog(path), metrics=metrics, health=health)
+    loop2.resume()
+    assert decider2.seen == {"d1": 3}  # decider state restored
+    assert actuator.applied[-1] == ("d1", 2, Action.SHRINK)  # the pending intent re-applied
+    e3, = loop2.tick(["d1"])
+    assert e3.step == 3 and e3.action is Action.ROLLBACK
+    assert loop2.tick(["d1"]) == []  # rolled back: no more decisions for d1
+    entries = loop2.log.entries("d1")
+    assert [(e.step, e.action, e.applied) for e in entries] == [
+        (0, Action.CONTINUE, True), (1, Action.PAUSE, True), (2, Action.SHRINK, True),
+        (3, Action.ROLLBACK, True)]
+    assert entries[0].model_version == "5"
+    assert sum(1 for r in caplog.records if r.name == "canaryml.decision") == 4
+    text = metrics.registry.get_sample_value("canaryml_errors_total", {"kind": "source"})
+    assert text == 1.0
