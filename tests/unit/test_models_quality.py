@@ -3,17 +3,17 @@ surge that hits both groups scores lower than the same surge on the canary only.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+from canaryml.control.policy import PolicyConfig
 from canaryml.data.dataset import CanonicalDataset
 from canaryml.models.networks import NetworkSpec
 from canaryml.models.scorer import CanaryScorer
 from canaryml.models.synthetic import as_arrays, episode, make_corpus
-from canaryml.models.train import TrainerSpec, TrainResult, TrainSpec, train_scorer
+from canaryml.models.train import TrainerSpec, TrainResult, TrainSpec, evaluate, train_scorer
+from canaryml.models.windows import deployment_infos
 
 pytestmark = pytest.mark.slow
 
@@ -21,27 +21,37 @@ NETS = {"lstm": NetworkSpec(kind="lstm", hidden=48),
         "transformer": NetworkSpec(kind="transformer", hidden=32, layers=2, heads=4)}
 
 
-def _simulated(root: Path) -> CanonicalDataset:
-    """The project simulator's corpus, through the public bundle → canonical path."""
-    pytest.importorskip("canaryml.simulate")
-    from canaryml.bench.scoring import simulated_dataset
-
-    return CanonicalDataset(simulated_dataset(root, n=60, seed=11))
-
-
 @pytest.fixture(scope="module", params=["synthetic", "simulator"])
-def corpus(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> CanonicalDataset:
+def corpus(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+           ) -> tuple[CanonicalDataset, CanonicalDataset | None]:
+    """(training corpus, held-back corpus or None = the training run's own test split).
+
+    The simulator's held-back part is a corpus of another seed (40 deployments, about 8,000
+    scored ticks): the 20 % test split of a 60-deployment corpus is only 12 deployments, too
+    few for a floor that should fail on a regression rather than on the draw."""
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp(request.param)
     if request.param == "simulator":
-        return _simulated(root)
-    return CanonicalDataset(make_corpus(root / "c", n=60, steps=200, seed=11))
+        from canaryml.bench.scoring import simulated_dataset
+
+        return (CanonicalDataset(simulated_dataset(root / "train", n=60, seed=11)),
+                CanonicalDataset(simulated_dataset(root / "held", n=40, seed=12)))
+    return CanonicalDataset(make_corpus(root / "c", n=60, steps=200, seed=11)), None
 
 
 @pytest.fixture(scope="module")
-def trained(corpus: CanonicalDataset) -> dict[str, TrainResult]:
-    return {name: train_scorer(corpus, TrainSpec(network=net, trainer=TrainerSpec(
-        max_epochs=3, progress_bar=False), seed=0)) for name, net in NETS.items()}
+def trained(corpus: tuple[CanonicalDataset, CanonicalDataset | None]) -> dict[str, TrainResult]:
+    out = {}
+    train, held = corpus
+    for name, net in NETS.items():
+        res = train_scorer(train, TrainSpec(network=net, trainer=TrainerSpec(
+            max_epochs=3, progress_bar=False), seed=0))
+        if held is not None:
+            infos = {i.deployment_id: i for i in deployment_infos(held)}
+            items = [(held.arrays(d), infos[d]) for d in infos]
+            res.metrics.update({f"test/{k}": v for k, v in evaluate(res.scorer, items).items()})
+        out[name] = res
+    return out
 
 
 @pytest.mark.parametrize("name", list(NETS))
@@ -65,6 +75,7 @@ def test_shared_surge_scores_lower_than_canary_only_fault(trained: dict[str, Tra
             s = scorer.score_series(as_arrays(ep))
             means[groups].append(float(np.nanmean(s[80:100])))
     m = {k: float(np.mean(v)) for k, v in means.items()}
-    assert m["canary"] > 0.75, means
+    # the canary-only surge crosses the default rollback threshold; the shared one does not
+    assert m["canary"] > PolicyConfig().rollback_threshold, means
     assert m["both"] < m["canary"] - 0.2, means
     assert m["both"] < m["none"] + 0.2, means  # a shared shock is (nearly) not the canary's fault

@@ -47,7 +47,7 @@ from canaryml.models.windows import Scaler, model_input
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 KINDS = ("app", "infra")
 _CLIP = 50.0
 _CHUNK = 2048
@@ -60,10 +60,20 @@ class ScorerWeights:
     forecast_weight: float = 0.5
     drift_weight: float = 1.0
     max_eta_s: float = 3600.0
+    # deployment-level calibration: the worst tick of the `deployment_quantile` healthy
+    # calibration deployment scores `deployment_anchor` (a robust median anchor; the tail above
+    # keeps the tick ranking, so the threshold reads as a deployment-level false-rollback rate)
+    deployment_quantile: float = 0.5
+    deployment_anchor: float = 0.2
 
     def __post_init__(self) -> None:
         from canaryml.errors import ConfigError
 
+        if not (0.0 < self.deployment_quantile < 1.0 and 0.0 < self.deployment_anchor < 1.0):
+            raise ConfigError(
+                f"scorer.deployment_quantile={self.deployment_quantile} and "
+                f"scorer.deployment_anchor={self.deployment_anchor} must both be in (0, 1); the "
+                "defaults 0.5 and 0.2 score the worst tick of the median healthy deployment 0.2")
         if not 0.0 <= self.forecast_weight <= 1.0:
             raise ConfigError(f"scorer.forecast_weight={self.forecast_weight} must be in [0, 1]")
         if min(self.weight_application_metrics, self.weight_infrastructure_metrics) < 0 or (
@@ -77,12 +87,14 @@ class ScorerWeights:
 @dataclass(frozen=True)
 class Calibration:
     """Learned state from healthy calibration ticks: normalisers and raw components [N, 4]
-    (fe_app, fe_infra, det_app, det_infra), kept so that re-weighted copies recalibrate."""
+    (fe_app, fe_infra, det_app, det_infra), kept so that re-weighted copies recalibrate, and the
+    calibration deployment of each tick (`groups` [N], int) for deployment-level calibration."""
 
     components: np.ndarray
     fe_norm: np.ndarray  # [2]
     det_center: np.ndarray  # [2]
     det_scale: np.ndarray  # [2]
+    groups: np.ndarray | None = None  # [N]; None = every tick its own deployment
 
 
 def _masked_mean(x: np.ndarray) -> np.ndarray:
@@ -100,6 +112,32 @@ def _ecdf_fit(values: np.ndarray) -> tuple[np.ndarray, float]:
     tau = float(v[-1] - np.quantile(v, 0.9))
     tau = tau if tau > 1e-9 else max(float(np.std(v)), 1e-3)
     return v, tau
+
+
+def _deployment_power(raw: np.ndarray, groups: np.ndarray | None, quantile: float,
+                      anchor: float) -> float:
+    """Exponent k such that `tick_score**k` = `anchor` at the `quantile` of the per-deployment
+    worst tick over healthy calibration deployments. A tick-level percentile alone puts half of all
+    healthy ticks above 0.5 and would roll back every healthy canary; the power keeps the
+    ranking and makes the threshold a deployment-level false-rollback rate. Each deployment's
+    worst tick is ranked leave-one-deployment-out, so it is not compared with itself."""
+    ok = np.isfinite(raw)
+    if groups is None or not ok.any():
+        return 1.0
+    x, g = raw[ok], np.asarray(groups)[ok]
+    ids = np.unique(g)
+    if len(ids) < 3:
+        return 1.0
+    p = []
+    for gid in ids:
+        others = np.sort(x[g != gid])
+        worst = float(x[g == gid].max())
+        knots, tau = _ecdf_fit(others)
+        p.append(float(_ecdf_apply(np.array([worst]), knots, tau)[0]))
+    q = float(np.quantile(p, quantile))
+    if not 0.0 < q < 1.0:
+        return 1.0
+    return float(np.log(anchor) / np.log(q))
 
 
 def _ecdf_apply(x: np.ndarray, knots: np.ndarray, tau: float) -> np.ndarray:
@@ -403,8 +441,13 @@ class CanaryScorer:
         comps = self.calibration.components
         self._kind_present = np.array([self._is_app.any(), (~self._is_app).any()], float)
         _, _, kind_raw = self._kind_raw(comps[:, :2], comps[:, 2:])
-        self._ecdf = _ecdf_fit(self._combine_raw(kind_raw))
+        raw = self._combine_raw(kind_raw)
+        self._ecdf = _ecdf_fit(raw)
         self._ecdf_kind = [_ecdf_fit(kind_raw[:, k]) for k in range(2)]
+        q, a = self.weights.deployment_quantile, self.weights.deployment_anchor
+        g = self.calibration.groups
+        self._power = _deployment_power(raw, g, q, a)
+        self._power_kind = [_deployment_power(kind_raw[:, k], g, q, a) for k in range(2)]
 
     def _score_block(self, can: np.ndarray, base: np.ndarray | None) -> dict[str, np.ndarray]:
         comps = self._components(can, base)
@@ -412,7 +455,7 @@ class CanaryScorer:
         det = np.stack([comps["det_app"], comps["det_infra"]], 1)
         fe_n, det_n, kind_raw = self._kind_raw(fe, det)
         raw = self._combine_raw(kind_raw)
-        score = _ecdf_apply(raw, *self._ecdf)
+        score = _ecdf_apply(raw, *self._ecdf) ** self._power
         w = np.array([self.weights.weight_application_metrics,
                       self.weights.weight_infrastructure_metrics]) * self._kind_present
         w = w / max(w.sum(), 1e-12)
@@ -423,8 +466,8 @@ class CanaryScorer:
         share = np.where(total > 0, contrib / np.maximum(total, 1e-12), 0.0)
         return {
             "score": score, "raw": raw,
-            "app_score": _ecdf_apply(kind_raw[:, 0], *self._ecdf_kind[0]),
-            "infra_score": _ecdf_apply(kind_raw[:, 1], *self._ecdf_kind[1]),
+            "app_score": _ecdf_apply(kind_raw[:, 0], *self._ecdf_kind[0]) ** self._power_kind[0],
+            "infra_score": _ecdf_apply(kind_raw[:, 1], *self._ecdf_kind[1]) ** self._power_kind[1],
             "forecast_error": fe_n @ w, "detector_score": det_n @ w,
             "contributions": share, "breach_eta_s": comps["eta"],
             "invalid": comps["invalid"], "observed": comps["observed"],
@@ -458,7 +501,8 @@ class CanaryScorer:
             np.savez(tmp / "state.npz", center=self.scaler.center, scale=self.scaler.scale,
                      gap_scale=self.gap_scale,
                      components=c.components, fe_norm=c.fe_norm, det_center=c.det_center,
-                     det_scale=c.det_scale)
+                     det_scale=c.det_scale,
+                     groups=np.full(len(c.components), -1) if c.groups is None else c.groups)
             torch.save(self.network.state_dict(), tmp / "network.pt")
             joblib.dump(self.detectors, tmp / "detectors.joblib")
         return path
@@ -487,7 +531,8 @@ class CanaryScorer:
             return cls(spec=spec, network=net, scaler=Scaler(st["center"], st["scale"]),
                        metrics=tuple(meta["metrics"]), catalog=catalog, detectors=joblib.load(path / "detectors.joblib"),
                        calibration=Calibration(st["components"], st["fe_norm"], st["det_center"],
-                                               st["det_scale"]),
+                                               st["det_scale"],
+                                               None if (st["groups"] < 0).all() else st["groups"]),
                        weights=ScorerWeights(**meta["weights"]), step_s=int(meta["step_s"]),
                        gap_scale=st["gap_scale"], info=meta.get("info", {}))
         except ModelLoadError:
@@ -504,6 +549,7 @@ def calibrate(components: dict[str, np.ndarray], detectors: dict[str, ResidualDe
     det = np.stack([components["det_app"], components["det_infra"]], 1)
     keep = ~components["invalid"]
     fe, det = fe[keep], det[keep]
+    groups = components["group"][keep] if "group" in components else None
     if len(fe) == 0:
         raise ScoringError("no valid healthy calibration windows; need healthy deployments "
                            "longer than lookback + horizon")
@@ -512,4 +558,4 @@ def calibrate(components: dict[str, np.ndarray], detectors: dict[str, ResidualDe
     thr = np.array([d.threshold_ if d is not None else 1.0 for d in
                     (detectors.get("app"), detectors.get("infra"))])
     scale = np.maximum(thr - center, 1e-6)
-    return Calibration(np.concatenate([fe, det], 1), fe_norm, center, scale)
+    return Calibration(np.concatenate([fe, det], 1), fe_norm, center, scale, groups)

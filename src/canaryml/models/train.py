@@ -140,8 +140,14 @@ def _fit_detector(spec: DetectorSpec, feats: np.ndarray, seed: int) -> ResidualD
 
 
 def train_scorer(dataset: CanonicalDataset, spec: TrainSpec, *, work_dir: Path | None = None,
-                 init_from: CanaryScorer | None = None) -> TrainResult:
+                 init_from: CanaryScorer | None = None,
+                 deployments: Sequence[str] | None = None,
+                 callbacks: Sequence[Any] = ()) -> TrainResult:
     """Train (or, with `init_from`, fine-tune) a CanaryScorer on `dataset`.
+
+    `deployments` restricts training (train/val/test split included) to these deployment ids,
+    e.g. to keep a tuning hold-out unseen; `callbacks` are extra Lightning callbacks for the
+    forecaster fit (e.g. Optuna pruning on `val/loss`).
 
     `init_from` keeps the champion's network architecture, metrics and scaler and continues
     training its weights on the selected deployments (continuous learning); detectors and
@@ -151,6 +157,13 @@ def train_scorer(dataset: CanonicalDataset, spec: TrainSpec, *, work_dir: Path |
     if tr.num_threads:
         torch.set_num_threads(tr.num_threads)
     infos = _select(deployment_infos(dataset), spec.since)
+    if deployments is not None:
+        keep = set(deployments)
+        unknown = keep - {i.deployment_id for i in infos}
+        if unknown:
+            raise DataContractError(f"{dataset.path}: unknown deployment id(s) "
+                                    f"{sorted(unknown)[:5]}; pass ids from deployments.parquet")
+        infos = [i for i in infos if i.deployment_id in keep]
     metrics = tuple(dataset.metrics)
     if init_from is not None and tuple(init_from.metrics) != metrics:
         raise DataContractError(
@@ -192,6 +205,7 @@ def train_scorer(dataset: CanonicalDataset, spec: TrainSpec, *, work_dir: Path |
         )
     log.info("training %s forecaster on %d windows (val %d), %d metrics", net_spec.kind,
              len(train_ds), len(val_ds), len(metrics))
+    torch.manual_seed(spec.seed)  # weight init: same seed → same network (determinism test)
     net = build_network(net_spec)
     if init_from is not None:
         net.load_state_dict(init_from.network.state_dict())
@@ -201,7 +215,8 @@ def train_scorer(dataset: CanonicalDataset, spec: TrainSpec, *, work_dir: Path |
         module, history, sec_per_epoch = fit_forecaster(
             module, train_ds, val_ds, max_epochs=tr.max_epochs, batch_size=tr.batch_size,
             patience=tr.patience, work_dir=Path(work_dir or tmp), accelerator=tr.accelerator,
-            devices=tr.devices, progress_bar=tr.progress_bar, seed=spec.seed)
+            devices=tr.devices, progress_bar=tr.progress_bar, seed=spec.seed,
+            callbacks=list(callbacks))
     fit_s = time.perf_counter() - t0
 
     # detectors + calibration on healthy ticks of the validation deployments (never train)
@@ -270,7 +285,7 @@ def _healthy_components(scorer: CanaryScorer, items: Sequence[tuple[DeploymentAr
     """Raw components of every valid window that ends on a healthy tick."""
     parts: dict[str, list[np.ndarray]] = {}
     w = scorer.lookback
-    for arr, info in items:
+    for group, (arr, info) in enumerate(items):
         if len(arr.timestamps_s) < w:
             continue
         mask = healthy_mask(arr.timestamps_s, info.label, info.fault_onset_s)[w - 1:]
@@ -282,7 +297,9 @@ def _healthy_components(scorer: CanaryScorer, items: Sequence[tuple[DeploymentAr
         comps = scorer._components(np.ascontiguousarray(vc),
                                    None if vb is None else np.ascontiguousarray(vb))
         keep = ~comps["invalid"]
-        for k in ("fe_app", "fe_infra", "det_app", "det_infra", "e_d", "e_drift", "invalid"):
+        comps["group"] = np.full(len(keep), group)
+        for k in ("fe_app", "fe_infra", "det_app", "det_infra", "e_d", "e_drift", "invalid",
+                  "group"):
             parts.setdefault(k, []).append(comps[k][keep])
     if not parts:
         raise DataContractError("no healthy windows in the calibration split; need healthy "

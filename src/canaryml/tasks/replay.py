@@ -19,7 +19,12 @@ from canaryml.data.atomic import atomic_dir, atomic_write_json
 from canaryml.data.dataset import CanonicalDataset
 from canaryml.errors import ConfigError
 from canaryml.replay import report
-from canaryml.replay.evaluate import metrics_from_times, operating_point, sweep_table
+from canaryml.replay.evaluate import (
+    ScoreHistory,
+    metrics_from_times,
+    operating_point,
+    sweep_table,
+)
 from canaryml.replay.runner import ReplayPolicy, ReplayResult, replay
 
 log = logging.getLogger(__name__)
@@ -77,6 +82,20 @@ def build_policies(names: list[str], models: dict[str, str], model_uri: str, pcf
     return out
 
 
+def breakpoints(history: ScoreHistory, cfg: PolicyConfig, grid: np.ndarray) -> np.ndarray:
+    """The grid plus, per deployment, the highest threshold that still rolls it back (the max
+    over ticks of the min of `consecutive_breaches` scores in a row): the sweep then resolves
+    every change of the curve, also where calibrated scores crowd near 1."""
+    s = np.where(np.isfinite(history.scores), history.scores, -np.inf)
+    c = max(1, int(cfg.consecutive_breaches))
+    run = s.copy()
+    for k in range(1, c):
+        run[:, k:] = np.minimum(run[:, k:], s[:, :-k])
+        run[:, :k] = -np.inf
+    peaks = run.max(axis=1)
+    return np.unique(np.concatenate([grid, peaks[np.isfinite(peaks) & (peaks >= 0)]]))
+
+
 def summarize(result: ReplayResult, policies: list[ReplayPolicy], thresholds: np.ndarray,
               frr_targets: list[float]) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
     deps = result.deployments
@@ -89,7 +108,8 @@ def summarize(result: ReplayResult, policies: list[ReplayPolicy], thresholds: np
                            np.nan)
         m = metrics_from_times(decided, deps)
         cfg = rp.policy.rollback.config
-        sw = sweep_table(result.histories[rp.name], cfg, deps, thresholds)
+        hist = result.histories[rp.name]
+        sw = sweep_table(hist, cfg, deps, breakpoints(hist, cfg, thresholds))
         sweeps[rp.name] = sw
         m["threshold"] = cfg.rollback_threshold
         m["promoted"] = int((o["final_action"] == "promote").sum())
@@ -183,6 +203,19 @@ def _report(out: Path, ds: CanonicalDataset, result: ReplayResult, policies: lis
     report.write_html(summary, curve, pngs, out / "report.html")
 
 
+def _eval_tags(cfg: DictConfig, summary: dict[str, Any]) -> dict[str, str]:
+    """Tags that let `canaryml promote` reuse this run's numbers (canaryml.registry)."""
+    from canaryml.registry import replay_eval_tags
+
+    try:
+        pcfg = PolicyConfig.from_mapping(cast(dict, OmegaConf.to_container(cfg.policy, resolve=True)))
+        return replay_eval_tags(str(cfg.model), summary["dataset"]["content_hash"], pcfg,
+                                cast(dict, OmegaConf.to_container(cfg.replay, resolve=True)))
+    except Exception as exc:  # tagging is an optimisation; the replay result stands regardless
+        log.warning("replay run not tagged for promote reuse: %s", exc)
+        return {}
+
+
 def _log_mlflow(cfg: DictConfig, out: Path, summary: dict[str, Any]) -> None:
     import mlflow
 
@@ -191,7 +224,8 @@ def _log_mlflow(cfg: DictConfig, out: Path, summary: dict[str, Any]) -> None:
     conf = cast(dict, OmegaConf.to_container(cfg, resolve=True))
     with tracking.start_run(conf, experiment=str(cfg.mlflow.experiment), run_name="replay",
                             dataset_hash=summary["dataset"]["content_hash"],
-                            uri=cfg.mlflow.tracking_uri, tags={"command": "replay"}):
+                            uri=cfg.mlflow.tracking_uri,
+                            tags={"command": "replay", **_eval_tags(cfg, summary)}):
         metrics: dict[str, float] = {"replay/speed_x_realtime": summary["replay"]["speed_x_realtime"]}
         for name, m in summary["policies"].items():
             for k in ("detection_rate", "false_rollback_rate", "caught_before_impact",
