@@ -1,14 +1,26 @@
-"""Observability HTTP server: `/metrics` (Prometheus text format) and `/healthz`.
+"""Observability HTTP server: `/metrics` (Prometheus text format), `/healthz` and `/livez`.
 
-A stdlib `ThreadingHTTPServer` in a daemon thread, bound to 127.0.0.1 by default. Routes are a
+A stdlib `ThreadingHTTPServer` in a daemon thread, bound to 127.0.0.1 by default
+(`CANARYML_HTTP_HOST` overrides the host, e.g. `0.0.0.0` in a pod behind a Service). Routes are a
 table: `server.route("GET", "/path", handler)` where a handler takes the request (method, path,
-query, body) and returns a `Response` — the Argo/Flagger endpoints plug in the same way.
+query, body) and returns a `Response` — the Argo/Flagger endpoints plug in the same way
+(`canaryml.serving.endpoints.install`).
+
+`/healthz` is 503 while a component is degraded (readiness); `/livez` is 200 while the HTTP
+thread answers at all (liveness: a degraded controller must not be restarted in a loop).
+
+Bearer token: with `token` set, every route under `/api/` needs `Authorization: Bearer <token>`
+(compared in constant time) and answers 401 otherwise; `/metrics`, `/healthz` and `/livez`
+stay open. A route registered with `authenticates=True` checks credentials itself (Flagger
+webhooks, which cannot send headers, also accept the token in their JSON body).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,16 +47,58 @@ class Request:
     def json(self) -> Any:
         return json.loads(self.body or b"null")
 
+    def header(self, name: str, default: str | None = None) -> str | None:
+        """Header value, case-insensitive (HTTP header names are)."""
+        low = name.lower()
+        for k, v in self.headers.items():
+            if k.lower() == low:
+                return v
+        return default
+
+    def arg(self, name: str) -> str | None:
+        """First value of a query argument, or None when absent or empty."""
+        values = self.query.get(name) or []
+        return values[0] if values and values[0] != "" else None
+
+
+HOST_ENV = "CANARYML_HTTP_HOST"
+API_PREFIX = "/api/"
+
+
+def default_host() -> str:
+    """`CANARYML_HTTP_HOST` when set, else loopback only."""
+    return os.environ.get(HOST_ENV) or "127.0.0.1"
+
+
+def bearer_token(req: Request) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, or None."""
+    auth = (req.header("Authorization") or "").strip()
+    scheme, _, token = auth.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def token_matches(given: str | None, expected: str) -> bool:
+    """Constant-time comparison (no timing oracle on the token)."""
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
 
 @dataclass(frozen=True)
 class Response:
     status: int = 200
     body: bytes = b""
     content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def json(cls, payload: Any, status: int = 200) -> Response:
-        return cls(status, json.dumps(payload, default=str).encode(), "application/json")
+    def json(cls, payload: Any, status: int = 200,
+             headers: tuple[tuple[str, str], ...] = ()) -> Response:
+        return cls(status, json.dumps(payload, default=str).encode(), "application/json", headers)
+
+    @classmethod
+    def unauthorized(cls, why: str) -> Response:
+        return cls.json({"error": f"unauthorized: {why}; send `Authorization: Bearer <token>` "
+                         "(the token of serve.http / CANARYML_HTTP_TOKEN[_FILE])"}, 401,
+                        (("WWW-Authenticate", 'Bearer realm="canaryml"'),))
 
 
 Handler = Callable[[Request], Response]
@@ -99,22 +153,44 @@ class Health:
 
 
 class ObservabilityServer:
-    """HTTP server with `/metrics` and `/healthz`; `route()` adds more."""
+    """HTTP server with `/metrics`, `/healthz` and `/livez`; `route()` adds more.
 
-    def __init__(self, metrics: ServeMetrics, health: Health, *, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+    `host=None` binds `default_host()` (127.0.0.1 unless `CANARYML_HTTP_HOST` is set); the
+    environment variable also overrides an explicit host, so a pod can expose the server
+    without editing the config. `token` guards every `/api/` route (see the module docstring).
+    """
+
+    def __init__(self, metrics: ServeMetrics, health: Health, *, host: str | None = None,
+                 port: int = 0, token: str | None = None) -> None:
         self.metrics = metrics
         self.health = health
-        self.host = host
+        env_host = os.environ.get(HOST_ENV)
+        if env_host and host and env_host != host:
+            log.info("%s=%s overrides the configured host %s", HOST_ENV, env_host, host)
+        self.host = env_host or host or "127.0.0.1"
         self._port = port
+        self.token = token or None
         self._routes: dict[tuple[str, str], Handler] = {}
+        self._self_auth: set[tuple[str, str]] = set()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.route("GET", "/metrics", self._metrics)
         self.route("GET", "/healthz", self._healthz)
+        self.route("GET", "/livez", self._livez)
 
-    def route(self, method: str, path: str, handler: Handler) -> None:
-        self._routes[(method.upper(), path)] = handler
+    def route(self, method: str, path: str, handler: Handler, *,
+              authenticates: bool = False) -> None:
+        """Register `handler`; `authenticates=True`: it checks the token itself."""
+        key = (method.upper(), path)
+        self._routes[key] = handler
+        if authenticates:
+            self._self_auth.add(key)
+        else:
+            self._self_auth.discard(key)
+
+    def authorized(self, req: Request) -> bool:
+        """True when no token is configured or the request carries it as a bearer token."""
+        return self.token is None or token_matches(bearer_token(req), self.token)
 
     def _metrics(self, _: Request) -> Response:
         return Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
@@ -122,6 +198,9 @@ class ObservabilityServer:
     def _healthz(self, _: Request) -> Response:
         snap = self.health.snapshot()
         return Response.json(snap, 200 if snap["status"] == "ok" else 503)
+
+    def _livez(self, _: Request) -> Response:
+        return Response.json({"status": "alive"})
 
     def dispatch(self, req: Request) -> Response:
         handler = self._routes.get((req.method, req.path))
@@ -131,6 +210,9 @@ class ObservabilityServer:
                 return Response.json({"error": f"{req.method} not allowed; use {allowed}"}, 405)
             return Response.json({"error": f"no route {req.path}",
                                   "routes": sorted(p for _, p in self._routes)}, 404)
+        if (req.path.startswith(API_PREFIX) and (req.method, req.path) not in self._self_auth
+                and not self.authorized(req)):
+            return Response.unauthorized("missing or wrong bearer token")
         try:
             return handler(req)
         except Exception as exc:
@@ -163,6 +245,8 @@ class ObservabilityServer:
                 self.send_response(resp.status)
                 self.send_header("Content-Type", resp.content_type)
                 self.send_header("Content-Length", str(len(resp.body)))
+                for name, value in resp.headers:
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(resp.body)
 
@@ -176,7 +260,8 @@ class ObservabilityServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="canaryml-http",
                                         daemon=True)
         self._thread.start()
-        log.info("observability server on %s (/metrics, /healthz)", self.url)
+        log.info("observability server on %s (/metrics, /healthz, /livez%s)", self.url,
+                 ", /api/ with bearer token" if self.token else "")
         return self
 
     def stop(self) -> None:
