@@ -2,6 +2,10 @@
 
 Every task lives in `canaryml.tasks.<command>` and exposes `run(cfg: DictConfig) -> int`.
 Tasks that accept `-m` sweeps (tune) also expose `run_multirun(overrides) -> int`.
+A task with `ACCEPTS_OVERRIDES = True` (tune) is called as `run(cfg, overrides)` so it can
+re-compose the user's overrides with its own (one config per trial).
+A task may expose `translate_args(args) -> list[str]` to map CLI spellings (`--to-version N`)
+to Hydra overrides before composition.
 """
 
 from __future__ import annotations
@@ -77,12 +81,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
         task = importlib.import_module(f"canaryml.tasks.{command}")
+        if hasattr(task, "translate_args"):  # CLI spellings such as `promote --to-version N`
+            overrides = list(task.translate_args(overrides))
         multirun = [o for o in overrides if o in ("-m", "--multirun")]
         if multirun:
             if not hasattr(task, "run_multirun"):
                 raise ConfigError(f"`canaryml {command}` does not take -m; only `tune` sweeps")
             return int(task.run_multirun([o for o in overrides if o not in multirun]))
         cfg = compose(command, overrides)
+        if getattr(task, "ACCEPTS_OVERRIDES", False):  # tune re-composes them per trial
+            return int(task.run(cfg, list(overrides)) or 0)
         return int(task.run(cfg) or 0)
     except CanarymlError as exc:
         print(f"canaryml {command}: error: {exc}", file=sys.stderr)

@@ -1,0 +1,438 @@
+"""`canaryml serve [serve.…=…] [policy.…=…]`: the live controller.
+
+Composition (every piece is the library object replay and the tests use):
+
+    ModelHolder (serve.model, default models:/canary-scorer@champion; polls the alias every
+      serve.model_poll_s, loads a moved alias in the background, swaps between ticks)
+    → ScorerPolicy + RollbackPolicy (policy.*) → Controller (the decider)
+    → ServeLoop with build_source / build_actuator (serve.source, serve.actuator)
+    → DecisionLog (serve.decision_log, resumed on start) and ObservabilityServer (serve.http:
+      /metrics, /healthz, and the Argo/Flagger verdict endpoints when available).
+
+Deployments come from `serve.deployments`, from Kubernetes (`serve.discover: {namespace,
+label_selector}`, re-listed every tick), and with the Kafka source from the partitions this
+replica owns. A discovered canary Deployment (or Argo Rollout) reads its wiring from annotations:
+
+    canaryml.io/deployment-id      id in the decision log (default: the object's name)
+    canaryml.io/stable             the stable Deployment (Deployment actuator)
+    canaryml.io/canary-selector    PromQL label matchers of the canary, e.g. app="web",track="canary"
+    canaryml.io/baseline-selector  … of the baseline (optional)
+
+The loop stops after `serve.max_ticks` ticks or `serve.duration_s` seconds (null = forever) or
+on SIGTERM/SIGINT, finishing the current tick and closing the source and the decision log.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, cast
+
+from omegaconf import DictConfig, OmegaConf
+
+from canaryml.control.controller import Controller
+from canaryml.control.policies import ScorerPolicy
+from canaryml.control.policy import PolicyConfig, RollbackPolicy
+from canaryml.control.types import Actuator, MetricSource, Window
+from canaryml.errors import ConfigError
+from canaryml.serving.decision_log import DecisionLog, LogEntry
+from canaryml.serving.loop import ServeLoop
+from canaryml.serving.model_holder import HeldScorer, LoadedModel, ModelHolder
+from canaryml.serving.server import Health, ObservabilityServer, ServeMetrics
+
+log = logging.getLogger(__name__)
+
+ANN = "canaryml.io/"
+
+
+def kube_api_client(kube_host: str | None) -> Any:
+    """An ApiClient for `kube_host` (e.g. an emulator URL), else in-cluster config, else
+    kubeconfig."""
+    from kubernetes import client, config
+
+    if kube_host:
+        cfg = client.Configuration()
+        cfg.host = str(kube_host)
+        return client.ApiClient(cfg)
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+def labels_match(selector: str, labels: Mapping[str, str]) -> bool:
+    """Equality-based label selector (`a=b,c!=d,e,!f`); set-based terms are left to the server."""
+    for term in (t.strip() for t in selector.split(",")):
+        if not term or " in " in term or " notin " in term:
+            continue
+        if "!=" in term:
+            k, v = (x.strip() for x in term.split("!=", 1))
+            if labels.get(k) == v:
+                return False
+        elif "=" in term:
+            k, v = (x.strip() for x in term.replace("==", "=").split("=", 1))
+            if labels.get(k) != v:
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+class KubeDiscovery:
+    """Lists canary Deployments (or Argo Rollouts) by label selector; see the module docstring
+    for the annotations it reads."""
+
+    def __init__(self, api_client: Any, namespace: str, label_selector: str, *,
+                 kind: str = "deployment", timeout_s: float = 10.0) -> None:
+        if not label_selector:
+            raise ConfigError("serve.discover.label_selector is empty; use e.g. "
+                              "canaryml.io/track=canary")
+        self.api_client = api_client
+        self.namespace = str(namespace)
+        self.label_selector = str(label_selector)
+        self.kind = kind
+        self.timeout_s = timeout_s
+
+    def _items(self) -> list[dict[str, Any]]:
+        import json
+
+        from kubernetes import client
+
+        resp: Any
+        if self.kind == "argo":
+            resp = client.CustomObjectsApi(self.api_client).list_namespaced_custom_object(
+                "argoproj.io", "v1alpha1", self.namespace, "rollouts",
+                label_selector=self.label_selector, _preload_content=False,
+                _request_timeout=self.timeout_s)
+        else:
+            resp = client.AppsV1Api(self.api_client).list_namespaced_deployment(
+                self.namespace, label_selector=self.label_selector, _preload_content=False,
+                _request_timeout=self.timeout_s)
+        return list(json.loads(resp.data or b"{}").get("items") or [])
+
+    def discover(self) -> list[dict[str, Any]]:
+        """`serve.deployments`-shaped entries for every matching object."""
+        out = []
+        for obj in self._items():
+            meta = obj.get("metadata") or {}
+            if not labels_match(self.label_selector, meta.get("labels") or {}):
+                continue  # the server filters; this also holds for one that ignores the selector
+            ann = meta.get("annotations") or {}
+            name = str(meta.get("name"))
+            entry: dict[str, Any] = {"id": ann.get(f"{ANN}deployment-id") or name,
+                                     "namespace": meta.get("namespace") or self.namespace}
+            if self.kind == "argo":
+                entry["rollout"] = name
+            else:
+                entry["canary"] = name
+                if ann.get(f"{ANN}stable"):
+                    entry["stable"] = ann[f"{ANN}stable"]
+            if ann.get(f"{ANN}canary-selector"):
+                entry["selectors"] = {"canary": ann[f"{ANN}canary-selector"],
+                                      "baseline": ann.get(f"{ANN}baseline-selector")}
+            out.append(entry)
+        return out
+
+
+class ReportingSource:
+    """Passes fetches through and reports the telemetry source's health: the Controller turns a
+    failed fetch into a fail-safe PAUSE (so the loop never sees the error); this makes
+    `/healthz` and `canaryml_errors{kind="source"}` say so too (component `telemetry`)."""
+
+    def __init__(self, source: MetricSource, health: Health, metrics: ServeMetrics) -> None:
+        self.inner = source
+        self.health = health
+        self.metrics = metrics
+
+    def fetch(self, deployment_id: str, now_s: float, lookback: int) -> Window:
+        try:
+            window = self.inner.fetch(deployment_id, now_s, lookback)
+        except Exception as exc:
+            self.metrics.error("source")
+            self.health.degraded("telemetry", f"{type(exc).__name__}: {exc}")
+            raise
+        self.health.ok("telemetry")
+        return window
+
+
+class Service:
+    """One controller process: model holder + Controller + ServeLoop (+ HTTP server)."""
+
+    def __init__(self, holder: ModelHolder, controller: Controller, loop: ServeLoop, *,
+                 deployments: Sequence[Mapping[str, Any]] = (), interval_s: float = 30.0,
+                 min_lookback: int = 1, source: Any = None, actuator: Any = None,
+                 discovery: KubeDiscovery | None = None, server: ObservabilityServer | None = None,
+                 board: Any = None) -> None:
+        self.holder = holder
+        self.controller = controller
+        self.loop = loop
+        self.static_ids = [str(d["id"]) for d in deployments]
+        self.interval_s = float(interval_s)
+        self.min_lookback = int(min_lookback)
+        self.source = source
+        self.actuator = actuator
+        self.discovery = discovery
+        self.server = server
+        self.board = board
+        self.ticks = 0
+        self.entries = 0
+        self._known: dict[str, dict[str, Any]] = {}
+        self._discovered: list[str] = []
+        holder.on_swap = self._on_swap
+        if holder.current is not None:
+            self._on_swap(holder.current)
+
+    def _on_swap(self, model: LoadedModel) -> None:
+        self.controller.lookback = max(self.min_lookback, int(model.scorer.lookback))
+
+    # ---- deployments -----------------------------------------------------------------------
+    def _wire(self, entry: Mapping[str, Any]) -> bool:
+        """Give a discovered deployment its actuator target and source selectors."""
+        from canaryml.serving.actuators import (
+            ArgoRolloutActuator,
+            DeploymentActuator,
+            DeploymentTarget,
+            RolloutTarget,
+        )
+        from canaryml.serving.prometheus import PrometheusSource, Selectors
+
+        dep = str(entry["id"])
+        if isinstance(self.actuator, DeploymentActuator):
+            if not entry.get("stable"):
+                log.warning("discovered %s/%s has no %sstable annotation; skipped (the "
+                            "Deployment actuator needs the stable Deployment's name)",
+                            entry["namespace"], entry.get("canary"), ANN)
+                return False
+            self.actuator.targets[dep] = DeploymentTarget(str(entry["namespace"]),
+                                                          str(entry["canary"]), str(entry["stable"]))
+        elif isinstance(self.actuator, ArgoRolloutActuator):
+            if not entry.get("rollout"):
+                log.warning("discovered %s is not a Rollout; skipped for the argo actuator", dep)
+                return False
+            self.actuator.targets[dep] = RolloutTarget(str(entry["namespace"]), str(entry["rollout"]))
+        if isinstance(self.source, PrometheusSource):
+            sel = entry.get("selectors") or {}
+            if not sel.get("canary"):
+                log.warning("discovered %s has no %scanary-selector annotation; skipped (the "
+                            "Prometheus source needs label matchers)", dep, ANN)
+                return False
+            self.source.selectors[dep] = Selectors(str(sel["canary"]), sel.get("baseline"))
+        if self.board is not None and hasattr(self.board, "register"):
+            names = [str(entry[k]) for k in ("rollout", "canary", "stable") if entry.get(k)]
+            try:
+                self.board.register(dep, namespace=entry.get("namespace"), names=names)
+            except ConfigError as exc:
+                log.warning("verdict board: %s", exc)
+        return True
+
+    def deployment_ids(self) -> list[str]:
+        ids = list(self.static_ids)
+        if self.discovery is not None:
+            try:
+                found = self.discovery.discover()
+                fresh: list[str] = []
+                for entry in found:
+                    dep = str(entry["id"])
+                    if self._known.get(dep) != entry:
+                        if not self._wire(entry):
+                            continue
+                        log.info("discovered deployment %s (%s)", dep, entry)
+                        self._known[dep] = dict(entry)
+                    fresh.append(dep)
+                self._discovered = fresh
+                self.loop.health.ok("discovery")
+            except Exception as exc:  # API down: keep the last list, say so
+                self.loop.metrics.error("discovery")
+                self.loop.health.degraded("discovery", f"{type(exc).__name__}: {exc}")
+                log.warning("discovery failed (%s); keeping %d known deployment(s)", exc,
+                            len(self._discovered))
+            ids += [d for d in self._discovered if d not in ids]
+        if self.source is not None and hasattr(self.source, "owned"):
+            owned = self.source.owned()
+            ids = [d for d in ids if d in owned] if ids else sorted(owned)
+        return ids
+
+    # ---- ticking ---------------------------------------------------------------------------
+    def tick(self) -> list[LogEntry]:
+        """Swap a staged model in (between ticks), then one decision per deployment."""
+        self.holder.swap_if_ready()
+        if self.source is not None and hasattr(self.source, "poll") and hasattr(self.source, "owned"):
+            self.source.poll(0)  # Kafka: learn the assignment before choosing deployments
+        entries = self.loop.tick(self.deployment_ids())
+        if self.board is not None:
+            for e in entries:
+                self.board.update(e.deployment_id, e.decision, e.model_version, e.decided_at)
+        self.ticks += 1
+        self.entries += len(entries)
+        return entries
+
+    def run(self, *, max_ticks: int | None = None, duration_s: float | None = None,
+            stop: threading.Event | None = None) -> int:
+        """Resume from the decision log, then tick every `interval_s` until a limit or `stop`.
+        Returns the number of ticks."""
+        stop = stop or threading.Event()
+        self.loop.resume()
+        started = time.monotonic()
+        n = 0
+        while not stop.is_set():
+            if max_ticks is not None and n >= max_ticks:
+                break
+            if duration_s is not None and time.monotonic() - started >= duration_s:
+                break
+            t0 = time.monotonic()
+            self.tick()
+            n += 1
+            if max_ticks is not None and n >= max_ticks:
+                break
+            wait = max(0.0, self.interval_s - (time.monotonic() - t0))
+            if duration_s is not None:
+                wait = min(wait, max(0.0, duration_s - (time.monotonic() - started)))
+            stop.wait(wait)
+        return n
+
+    def close(self) -> None:
+        self.holder.stop()
+        if self.server is not None:
+            self.server.stop()
+        if self.source is not None and hasattr(self.source, "close"):
+            try:
+                self.source.close()
+            except Exception as exc:  # closing must not hide the real exit reason
+                log.warning("closing the source failed: %s", exc)
+        self.loop.log.close()
+
+
+def _source_metrics(serve: Mapping[str, Any], catalog_names: Iterable[str]) -> list[str]:
+    if serve.get("metrics"):
+        return [str(m) for m in serve["metrics"]]
+    src = serve.get("source") or {}
+    if src.get("kind") == "prometheus":
+        return list((src.get("prometheus") or {}).get("queries") or {})
+    return list(catalog_names)
+
+
+def build(serve: Mapping[str, Any], policy: PolicyConfig, *, catalog_names: Iterable[str] = (),
+          source: MetricSource | None = None, actuator: Actuator | None = None,
+          api_client: Any = None, holder: ModelHolder | None = None,
+          http: bool = True, clock: Callable[[], float] = time.time) -> Service:
+    """Build a Service from the plain `serve` mapping (OmegaConf.to_container(cfg.serve)).
+    `source`/`actuator`/`api_client`/`holder` replace what the config would build (tests)."""
+    from canaryml.serving.factory import build_actuator, build_source
+
+    serve = dict(serve)
+    interval_s = float(serve["interval_s"])
+    if interval_s <= 0:
+        raise ConfigError(f"serve.interval_s={interval_s} must be > 0 seconds")
+    deployments = [dict(d) for d in serve.get("deployments") or []]
+    discover = serve.get("discover")
+    kind = (serve.get("actuator") or {}).get("kind")
+    needs_kube = kind in ("deployment", "argo") or bool(discover)
+    if api_client is None and needs_kube and (actuator is None or discover):
+        api_client = kube_api_client((serve.get("actuator") or {}).get("kube_host"))
+    metrics = ServeMetrics()
+    health = Health()
+    # configuration errors first (no thread, file or port held yet)
+    src = source if source is not None else build_source(
+        serve, _source_metrics(serve, catalog_names))
+    act = actuator if actuator is not None else build_actuator(serve, api_client)
+    discovery = None
+    if discover:
+        d = dict(discover)
+        discovery = KubeDiscovery(api_client, str(d.get("namespace") or "default"),
+                                  str(d.get("label_selector") or ""),
+                                  kind="argo" if kind == "argo" else "deployment")
+    if holder is None:
+        holder = ModelHolder(str(serve["model"]), poll_s=float(serve.get("model_poll_s") or 30),
+                             metrics=metrics, health=health)
+    else:
+        holder.metrics, holder.health = metrics, health
+    decision_log = DecisionLog(serve["decision_log"])
+    server = board = None
+    try:
+        holder.start()
+        min_lookback = int(serve.get("lookback") or 1)
+        scorer_policy = ScorerPolicy("scorer", HeldScorer(holder), RollbackPolicy(policy),
+                                     str(serve["model"]))
+        controller = Controller(scorer_policy, ReportingSource(src, health, metrics),
+                                lookback=max(min_lookback, holder.lookback),
+                                model_version=lambda: holder.version)
+        loop = ServeLoop(controller, act, decision_log, source=src, metrics=metrics,
+                         health=health, model_version=lambda: holder.version, clock=clock)
+        if http:
+            h = dict(serve.get("http") or {})
+            server = ObservabilityServer(metrics, health, host=h.get("host"),
+                                         port=int(h.get("port") or 0))
+            board = _install_endpoints(server, deployments, stale_after_s=3 * interval_s)
+            server.start()
+    except BaseException:
+        holder.stop()
+        decision_log.close()
+        if server is not None:
+            server.stop()
+        raise
+    return Service(holder, controller, loop, deployments=deployments, interval_s=interval_s,
+                   min_lookback=min_lookback, source=src, actuator=act, discovery=discovery,
+                   server=server, board=board)
+
+
+def _install_endpoints(server: ObservabilityServer, deployments: list[dict[str, Any]], *,
+                       stale_after_s: float) -> Any:
+    """The Argo/Flagger verdict endpoints (canaryml.serving.endpoints), when present."""
+    try:
+        from canaryml.serving import endpoints
+    except ImportError as exc:
+        log.warning("Argo/Flagger verdict endpoints unavailable (%s); serving /metrics and "
+                    "/healthz only", exc)
+        return None
+    import os
+    from pathlib import Path
+
+    token_from_env = getattr(endpoints, "token_from_env", None)
+    if token_from_env is not None:
+        token = token_from_env()
+    else:
+        path = os.environ.get("CANARYML_HTTP_TOKEN_FILE")
+        token = Path(path).read_text().strip() or None if path else None
+    board = endpoints.VerdictBoard(deployments)
+    endpoints.install(server, board, token=token, stale_after_s=stale_after_s)
+    return board
+
+
+def run(cfg: DictConfig) -> int:
+    from canaryml import tracking
+
+    serve = cast(dict[str, Any], OmegaConf.to_container(cfg.serve, resolve=True))
+    pcfg = PolicyConfig.from_mapping(cast(dict, OmegaConf.to_container(cfg.policy, resolve=True)))
+    tracking.configure(cfg.mlflow.tracking_uri)
+    catalog = list(cast(dict, OmegaConf.to_container(cfg.metrics, resolve=True)))
+    service = build(serve, pcfg, catalog_names=catalog)
+    stop = threading.Event()
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("received %s: finishing the current tick, then stopping",
+                     signal.Signals(signum).name)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, on_signal)
+    url = service.server.url if service.server is not None else "-"
+    print(f"canaryml serve: model {service.holder.version or 'none (pausing)'} from "
+          f"{serve['model']}, http {url}, decision log {serve['decision_log']}", flush=True)
+    try:
+        ticks = service.run(max_ticks=serve.get("max_ticks"), duration_s=serve.get("duration_s"),
+                            stop=stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        service.close()
+    print(f"canaryml serve: stopped after {ticks} tick(s), {service.entries} decision(s), "
+          f"{service.holder.swaps} model swap(s), model {service.holder.version or 'none'}")
+    return 0
