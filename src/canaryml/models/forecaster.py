@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,11 @@ class Forecaster(pl.LightningModule):
 def fit_forecaster(module: Forecaster, train: WindowDataset, val: WindowDataset | None, *,
                    max_epochs: int, batch_size: int, patience: int, work_dir: Path,
                    accelerator: str = "auto", devices: int = 1, progress_bar: bool = True,
-                   seed: int = 0) -> tuple[Forecaster, list[dict[str, float]], float]:
+                   seed: int = 0, callbacks: Sequence[pl.Callback] = ()
+                   ) -> tuple[Forecaster, list[dict[str, float]], float]:
     """Fit with early stopping + checkpointing (best val/loss restored). Returns the module on
-    CPU in eval mode, its per-epoch history and the mean seconds per epoch."""
+    CPU in eval mode, its per-epoch history and the mean seconds per epoch. Extra Lightning
+    `callbacks` (e.g. an Optuna pruning callback) run after the built-in ones."""
     import time
 
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
@@ -80,9 +83,10 @@ def fit_forecaster(module: Forecaster, train: WindowDataset, val: WindowDataset 
     monitor = "val/loss" if val_dl is not None else "train/loss"
     ckpt = ModelCheckpoint(dirpath=work_dir / "checkpoints", monitor=monitor, mode="min",
                            save_top_k=1, filename="best")
-    callbacks: list[pl.Callback] = [ckpt, EarlyStopping(monitor=monitor, patience=patience, mode="min")]
+    all_callbacks: list[pl.Callback] = [
+        ckpt, EarlyStopping(monitor=monitor, patience=patience, mode="min"), *callbacks]
     trainer = pl.Trainer(max_epochs=max_epochs, accelerator=accelerator, devices=devices,
-                         callbacks=callbacks, logger=CSVLogger(str(work_dir), name="lightning"),
+                         callbacks=all_callbacks, logger=CSVLogger(str(work_dir), name="lightning"),
                          enable_progress_bar=progress_bar, enable_model_summary=False,
                          default_root_dir=str(work_dir), num_sanity_val_steps=0,
                          log_every_n_steps=10)

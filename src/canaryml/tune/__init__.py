@@ -1,0 +1,1 @@
+"""Optuna studies over Hydra configs, tracked in MLflow (`canaryml tune`)."""
