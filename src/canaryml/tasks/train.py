@@ -8,6 +8,11 @@ Continuous learning (the periodic retrain job, see serving/cronjob-retrain.yaml)
 `canaryml train trainer.init_from=models:/canary-scorer@champion dataset=DIR
 trainer.since=2026-01-01T00:00:00Z` fine-tunes the champion on recent telemetry
 (`init_from=` and `since=` at top level work too).
+
+`scorer_out=DIR` also saves the trained CanaryScorer bundle to DIR (atomically), with the
+lineage of the run in its `scorer.json` info (`train_run_id`, `registered_model`,
+`registered_version`, `dataset_hash`, `git_commit`), so a pipeline tool (dvc.yaml) can track it
+as an output and `canaryml replay model=DIR` / `canaryml register scorer=DIR` can use it.
 """
 
 from __future__ import annotations
@@ -56,6 +61,46 @@ def _loss_figure(history: list[dict[str, float]]) -> Any:
     return fig
 
 
+def _save_scorer(scorer: Any, out: Path, *, run_id: str, version: Any,
+                 registered_model: str) -> Path:
+    """Save the scorer bundle to `out` (atomic: a failed save leaves the old one in place),
+    recording where it came from so a copy outside MLflow still links back to its run."""
+    from canaryml import tracking
+
+    out = out.expanduser()
+    if not out.is_absolute():
+        out = Path.cwd() / out
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"scorer_out={str(out)!r} is a file; give a directory path "
+                          "(it is replaced as a whole by the new scorer bundle)")
+    lineage = {"train_run_id": run_id, "registered_model": registered_model,
+               "registered_version": str(version.version),
+               "dataset_hash": scorer.info.get("dataset_hash"),
+               "git_commit": tracking.git_commit()}
+    before = dict(scorer.info)
+    scorer.info.update(lineage)
+    try:
+        path = Path(scorer.save(out))
+    finally:
+        scorer.info = before
+    log.info("saved scorer bundle to %s (run %s, %s v%s)", path, run_id, registered_model,
+             version.version)
+    return path
+
+
+def process_rank() -> int:
+    """Global rank of this process in a multi-device (DDP) fit: Lightning starts ranks ≥ 1 as
+    copies of this command with `LOCAL_RANK`/`NODE_RANK` set; torchrun and SLURM set `RANK`."""
+    import os
+
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    local = os.environ.get("LOCAL_RANK", "")
+    node = os.environ.get("NODE_RANK", "")
+    return (int(node) if node.isdigit() else 0) * 1000 + (int(local) if local.isdigit() else 0)
+
+
 def run(cfg: DictConfig) -> int:
     import mlflow
 
@@ -80,6 +125,12 @@ def run(cfg: DictConfig) -> int:
             raise ConfigError(f"init_from={init_from!r}: use models:/canary-scorer@champion, "
                               "runs:/<id>/scorer or a scorer directory")
         champion = tracking.load_scorer(str(init_from))
+    if process_rank() != 0:
+        # a DDP worker (trainer.devices > 1): it takes part in the fit, and only rank 0 logs the
+        # run, registers the version and saves scorer_out — one run and one version per command
+        log.info("rank %d: training only; rank 0 logs and registers", process_rank())
+        train_scorer(dataset, spec, init_from=champion)
+        return 0
     full_cfg = as_dict(cfg)
     with tracking.start_run(full_cfg, experiment=str(cfg.mlflow.experiment),
                             run_name=f"train-{spec.network.kind}-{spec.detector.kind}",
@@ -98,10 +149,16 @@ def run(cfg: DictConfig) -> int:
         mlflow.log_dict({k: list(v) for k, v in result.split.items()}, "split.json")
         version = tracking.log_scorer(result.scorer, str(cfg.mlflow.registered_model),
                                       alias="challenger")
+        scorer_out = cfg.get("scorer_out")
+        if scorer_out not in (None, ""):
+            saved = _save_scorer(result.scorer, Path(str(scorer_out)), run_id=run.info.run_id,
+                                 version=version, registered_model=str(cfg.mlflow.registered_model))
+            mlflow.set_tag("scorer_out", str(saved))
     auc = result.metrics.get("test/roc_auc")
     print(f"trained {spec.network.kind}+{spec.detector.kind}: run {run.info.run_id}, "
           f"{cfg.mlflow.registered_model} v{version.version} @challenger, "
           f"val/best_loss={result.metrics.get('val/best_loss', float('nan')):.4f}, "
           f"test/roc_auc={'n/a' if auc is None else f'{auc:.3f}'}, "
-          f"{result.metrics['train/sec_per_epoch']:.2f}s/epoch")
+          f"{result.metrics['train/sec_per_epoch']:.2f}s/epoch"
+          + (f", scorer saved to {cfg.scorer_out}" if cfg.get("scorer_out") else ""))
     return 0
