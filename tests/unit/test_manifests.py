@@ -131,7 +131,8 @@ def test_round_trip_catches_an_unknown_field() -> None:
 def test_kustomization_lists_every_manifest() -> None:
     kust = _one("Kustomization")
     listed = set(kust["resources"])
-    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    optional = {"role-discovery.yaml"}  # opt-in, see test_discovery_role_matches_the_discovery_calls
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"} - optional
     assert listed == on_disk
     assert kust["namespace"] == _one("Namespace")["metadata"]["name"] == "canaryml"
 
@@ -293,11 +294,40 @@ def test_rbac_matches_the_actuators_calls() -> None:
         f"actuator calls need {sorted(derived)}; update EXPECTED_RBAC and serving/k8s/role.yaml")
 
 
+def test_discovery_role_matches_the_discovery_calls() -> None:
+    """`serve.discover` lists Deployments or Rollouts; its optional Role grants exactly that."""
+    import urllib3
+    from kubernetes.client.rest import RESTResponse
+
+    from canaryml.tasks.serve import KubeDiscovery
+
+    calls: list[tuple[str, str]] = []
+
+    class Recording(kubernetes.client.ApiClient):
+        def call_api(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+            calls.append((method, url))
+            raw = urllib3.HTTPResponse(body=b'{"items": []}', status=200,
+                                       headers={"Content-Type": "application/json"},
+                                       preload_content=True)
+            response = RESTResponse(raw)
+            response.read()
+            return response
+
+    client = Recording(kubernetes.client.Configuration(host="http://127.0.0.1:9"))
+    for kind in ("deployment", "argo"):
+        assert KubeDiscovery(client, "demo", "canaryml.io/track=canary", kind=kind).discover() == []
+    role = _one("Role", "canaryml-discovery")
+    assert {_permission(m, u) for m, u in calls} == _granted(role)
+    binding = _one("RoleBinding", "canaryml-discovery")
+    assert binding["roleRef"]["name"] == "canaryml-discovery"
+    assert "role-discovery.yaml" not in _one("Kustomization")["resources"]  # opt-in only
+
+
 def test_no_other_kubernetes_api_usage_outside_the_exercised_actuators() -> None:
-    """A new API call elsewhere in the controller must be added to the RBAC test above."""
+    """A new API call elsewhere in the controller must be added to the RBAC tests above."""
     pattern = re.compile(r"\b(CoreV1Api|AppsV1Api|CustomObjectsApi|BatchV1Api|EventsV1Api|"
                          r"CoordinationV1Api|watch\.Watch|DynamicClient)\b")
-    exercised = {"actuators.py"}
+    exercised = {"actuators.py", "serve.py"}
     offenders = [p.relative_to(REPO) for p in (REPO / "src" / "canaryml").rglob("*.py")
                  if p.name not in exercised and pattern.search(p.read_text())]
     assert offenders == [], f"Kubernetes API used in {offenders}: exercise it in this test"
