@@ -230,7 +230,7 @@ def test_faulty_canary_rolled_back_before_slo_breach_and_healthy_promoted(
                               step_s=STEP_S, metrics=metrics, timeout_s=5, retries=1)
     policy = RollbackPolicy(PolicyConfig(
         rollback_threshold=0.5, monitoring_interval_s=1.0, consecutive_breaches=2,
-        warmup_s=5.0, batch_interval_s=8.0, max_batches=2))
+        warmup_s=5.0, batch_interval_s=15.0, max_batches=3))
     board = VerdictBoard([{"id": d, "namespace": NS, "canary": t.canary, "stable": t.stable}
                           for d, (_, t) in deployments.items()])
     controller = Controller(ScorerPolicy("model", scorer, policy), source)
