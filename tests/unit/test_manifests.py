@@ -256,30 +256,35 @@ def _permission(method: str, url: str) -> tuple[str, str, str]:
     return group, resource, verb
 
 
-def test_rbac_matches_the_actuators_calls() -> None:
-    """Run every actuator action against a recording client; the Role must cover exactly that."""
+def _recording_client(calls: list[tuple[str, str]], answer: dict[str, Any]) -> Any:
+    """A kubernetes ApiClient that records (method, url) and answers every call with `answer`."""
     import urllib3
     from kubernetes.client.rest import RESTResponse
-
-    from canaryml.control.types import Action, Decision
-    from canaryml.serving import actuators
-
-    calls: list[tuple[str, str]] = []
-    canned = {"metadata": {"name": "x", "annotations": {}},
-              "spec": {"replicas": 4, "strategy": {"canary": {"steps": [{"setWeight": 20}]}}},
-              "status": {"currentStepIndex": 0}}
 
     class Recording(kubernetes.client.ApiClient):
         def call_api(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
             calls.append((method, url))
-            raw = urllib3.HTTPResponse(body=json.dumps(canned).encode(), status=200,
+            raw = urllib3.HTTPResponse(body=json.dumps(answer).encode(), status=200,
                                        headers={"Content-Type": "application/json"},
                                        preload_content=True)
             response = RESTResponse(raw)
             response.read()
             return response
 
-    client = Recording(kubernetes.client.Configuration(host="http://127.0.0.1:9"))
+    return Recording(kubernetes.client.Configuration(host="http://127.0.0.1:9"))
+
+
+def test_rbac_matches_the_actuators_calls() -> None:
+    """Run every actuator action against a recording client; the Role must cover exactly that."""
+
+    from canaryml.control.types import Action, Decision
+    from canaryml.serving import actuators
+
+    calls: list[tuple[str, str]] = []
+    client = _recording_client(calls, {
+        "metadata": {"name": "x", "annotations": {}},
+        "spec": {"replicas": 4, "strategy": {"canary": {"steps": [{"setWeight": 20}]}}},
+        "status": {"currentStepIndex": 0}})
     exercised = [
         actuators.DeploymentActuator(
             client, {"d": actuators.DeploymentTarget("demo", "web-canary", "web")}, retries=0),
@@ -296,24 +301,11 @@ def test_rbac_matches_the_actuators_calls() -> None:
 
 def test_discovery_role_matches_the_discovery_calls() -> None:
     """`serve.discover` lists Deployments or Rollouts; its optional Role grants exactly that."""
-    import urllib3
-    from kubernetes.client.rest import RESTResponse
 
     from canaryml.tasks.serve import KubeDiscovery
 
     calls: list[tuple[str, str]] = []
-
-    class Recording(kubernetes.client.ApiClient):
-        def call_api(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-            calls.append((method, url))
-            raw = urllib3.HTTPResponse(body=b'{"items": []}', status=200,
-                                       headers={"Content-Type": "application/json"},
-                                       preload_content=True)
-            response = RESTResponse(raw)
-            response.read()
-            return response
-
-    client = Recording(kubernetes.client.Configuration(host="http://127.0.0.1:9"))
+    client = _recording_client(calls, {"items": []})
     for kind in ("deployment", "argo"):
         assert KubeDiscovery(client, "demo", "canaryml.io/track=canary", kind=kind).discover() == []
     role = _one("Role", "canaryml-discovery")
