@@ -34,4 +34,4 @@ bench: $(STAMP)
 	$(VENV)/bin/canaryml bench
 
 clean:
-	rm -rf data/raw data/processed data/demo data/serve mlruns mlflow.db outputs experiments/runs
+	rm -rf data/raw data/processed data/demo data/serve models mlruns mlflow.db outputs experiments/runs experiments/replay/dvc

@@ -8,6 +8,7 @@ Deployments are split by deployment (or by time), never by rows:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -54,6 +55,9 @@ class TrainerSpec:
     devices: int = 1
     progress_bar: bool = True
     num_threads: int = 0
+    # point-labelled benchmarks (SMD, NAB): their unlabelled `<id>.train` parts are the normal
+    # reference, as in the published protocols; simulated and real canaries keep `unknown` out
+    unknown_is_normal: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,9 @@ def train_scorer(dataset: CanonicalDataset, spec: TrainSpec, *, work_dir: Path |
     if tr.num_threads:
         torch.set_num_threads(tr.num_threads)
     infos = _select(deployment_infos(dataset), spec.since)
+    if tr.unknown_is_normal:
+        infos = [dataclasses.replace(i, label="healthy") if i.label == "unknown" else i
+                 for i in infos]
     if deployments is not None:
         keep = set(deployments)
         unknown = keep - {i.deployment_id for i in infos}
@@ -229,6 +236,12 @@ def train_scorer(dataset: CanonicalDataset, spec: TrainSpec, *, work_dir: Path |
     half = max(1, len(val_items) // 2) if len(val_items) > 1 else 1
     fit_items = val_items[:half]
     cal_items = val_items[half:] or val_items
+
+    def has_normal(items: Sequence[tuple[DeploymentArrays, DeploymentInfo]]) -> bool:
+        return any(healthy_mask(a.timestamps_s, i.label, i.fault_onset_s).any() for a, i in items)
+
+    if not (has_normal(fit_items) and has_normal(cal_items)):  # e.g. val = [healthy, faulty]
+        fit_items, cal_items = val_items[0::2], val_items[1::2] or val_items
     fit_comps = _healthy_components(pre, fit_items)
     detectors: dict[str, ResidualDetector | None] = {}
     for kind, mask in (("app", pre._is_app), ("infra", ~pre._is_app)):
