@@ -68,3 +68,21 @@ def test_offsets_are_committable_only_after_ack(source: KafkaSource) -> None:
 def test_parse_timestamp() -> None:
     assert parse_timestamp(12.5) == 12.5
     assert parse_timestamp("1970-01-01T00:01:00+00:00") == 60.0
+
+
+def test_a_quiet_topic_costs_one_wait_per_tick_not_one_per_deployment(
+        source: KafkaSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    timeouts: list[float] = []
+
+    def consume(num_messages: int, timeout: float) -> list[object]:
+        timeouts.append(timeout)
+        return []
+
+    monkeypatch.setattr(source, "consumer", type("C", (), {"consume": staticmethod(consume),
+                                                           "close": lambda self: None})())
+    source.poll_timeout_s = 60.0  # one tick over many deployments fits well inside it
+    for i in range(10):
+        source._ingest(0, i, b"d", ev(f"d{i}", "canary", "latency_p99", 0.1, 1000))
+    for i in range(10):
+        source.fetch(f"d{i}", now_s=1001, lookback=1)
+    assert timeouts == [60.0] + [0] * 9

@@ -61,6 +61,7 @@ class KafkaSource:
         self.step_s = float(step_s)
         self.buffer_steps = int(buffer_steps)
         self.poll_timeout_s = poll_timeout_s
+        self._last_wait = float("-inf")  # monotonic time of the last waiting poll in fetch()
         conf: dict[str, Any] = {
             "bootstrap.servers": bootstrap_servers,
             "group.id": group_id,
@@ -207,7 +208,12 @@ class KafkaSource:
         self._down = None
 
     def fetch(self, deployment_id: str, now_s: float, lookback: int) -> Window:
-        self.poll()
+        # wait for new events at most once per poll_timeout_s: a tick over N deployments must
+        # not wait N × poll_timeout_s when the topic is quiet; later fetches only drain
+        waited_recently = time.monotonic() - self._last_wait < self.poll_timeout_s
+        if not waited_recently:
+            self._last_wait = time.monotonic()
+        self.poll(0 if waited_recently else None)
         self._check_up()
         return self.window(deployment_id, now_s, lookback)
 
