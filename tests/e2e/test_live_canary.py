@@ -1,49 +1,47 @@
 """Live end-to-end canary: real service processes, real Prometheus, Kafka, a trained scorer,
-the serving loop, and the Kubernetes actuator against the API emulator.
+`canaryml serve`, and the Kubernetes actuator against the API emulator.
 
   * the service (tests/e2e/liveapp) runs as three processes: the stable version, a canary with
     a latency-creep fault switched on at start (acting `FAULT_ONSET_S` after start) and a
     healthy canary of the same new version; a load generator drives all three;
   * a real Prometheus scrapes them every second; a bridge publishes the same telemetry to a
     real Kafka-protocol broker (tansu);
-  * a CanaryScorer trained in the test on the synthetic corpus scores 1-second windows through
-    `Controller` + `ServeLoop` (Prometheus source, durable decision log) and acts through
-    `DeploymentActuator` on Deployments held by kmock; the Argo verdict endpoint answers from
-    the same decisions (VerdictBoard);
+  * a CanaryScorer trained in the test on the synthetic corpus is registered as
+    `canary-scorer@champion` in an MLflow SQLite store; the serve task (`canaryml serve
+    serve=e2e`, the user's own conf/serve/e2e.yaml) loads it, decides every second from
+    Prometheus and acts through `DeploymentActuator` on Deployments held by kmock; the Argo
+    verdict endpoint of the same process is polled while it runs;
   * asserted: the faulty canary is rolled back after the fault started and before its SLO
     breach (p99 latency over the catalog SLO, measured from the service's own histogram in
     Prometheus); the healthy canary is promoted and never rolled back; Kafka carried the creep.
-
-When `canaryml serve` (src/canaryml/tasks/serve.py) exists this still drives the same
-components in-process so it can observe each decision's wall time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import requests
+import yaml
 
+from canaryml import tracking
 from canaryml.catalog import Catalog
-from canaryml.control.controller import Controller
-from canaryml.control.policies import ScorerPolicy
-from canaryml.control.policy import PolicyConfig, RollbackPolicy
-from canaryml.control.types import Action, Decision
-from canaryml.serving.actuators import DeploymentActuator, DeploymentTarget
+from canaryml.cli import compose
+from canaryml.control.types import Action
+from canaryml.serving.actuators import DeploymentTarget
 from canaryml.serving.decision_log import DecisionLog
-from canaryml.serving.endpoints import ARGO_VERDICT, VerdictBoard, install
-from canaryml.serving.loop import ServeLoop
-from canaryml.serving.prometheus import PrometheusSource, Selectors
-from canaryml.serving.server import Health, ObservabilityServer, ServeMetrics
+from canaryml.serving.endpoints import ARGO_VERDICT
+from canaryml.tasks import serve as serve_task
+from tests.conftest import REPO
 from tests.e2e.liveapp.bridge import PromToKafkaBridge
 from tests.e2e.liveapp.load import LoadGenerator, start_app, stop
 from tests.harness.kafka import free_port, start_tansu
@@ -113,47 +111,6 @@ def node_exporter(log: Path) -> Iterator[str]:
         stop(proc)
 
 
-@dataclass
-class Acted:
-    at_s: float
-    deployment_id: str
-    action: Action
-    reason: str
-    score: float | None
-
-
-class RecordingActuator:
-    """The real DeploymentActuator, with the wall time of each acting call recorded."""
-
-    def __init__(self, inner: DeploymentActuator) -> None:
-        self.inner = inner
-        self.acted: list[Acted] = []
-
-    def apply(self, deployment_id: str, decision: Decision, step: int) -> None:
-        self.inner.apply(deployment_id, decision, step)
-        if decision.action is not Action.CONTINUE:
-            self.acted.append(Acted(time.time(), deployment_id, decision.action,
-                                    decision.reason, decision.score))
-
-
-class BoardDecider:
-    """Controller wrapper that posts each decision to the VerdictBoard (as `serve` does)."""
-
-    def __init__(self, controller: Controller, board: VerdictBoard) -> None:
-        self.controller, self.board = controller, board
-
-    def decide(self, deployment_id: str, now_s: float) -> Decision:
-        d = self.controller.decide(deployment_id, now_s)
-        self.board.update(deployment_id, d, "e2e-scorer", now_s)
-        return d
-
-    def state(self, deployment_id: str) -> dict[str, Any]:
-        return self.controller.state(deployment_id)
-
-    def restore(self, deployment_id: str, state: dict[str, Any]) -> None:
-        self.controller.restore(deployment_id, state)
-
-
 def _train_scorer(root: Path) -> Any:
     from canaryml.data.dataset import CanonicalDataset
     from canaryml.models.networks import NetworkSpec
@@ -211,7 +168,8 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
 
 def test_faulty_canary_rolled_back_before_slo_breach_and_healthy_promoted(
-        stack: dict[str, Any], tmp_path: Path) -> None:
+        stack: dict[str, Any], tmp_path: Path, mlflow_uri: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     ports, prom, kube = stack["ports"], stack["prom"], stack["kube"]
     sel = {name: f'instance="127.0.0.1:{port}"' for name, port in ports.items()}
     deployments = {
@@ -223,19 +181,9 @@ def test_faulty_canary_rolled_back_before_slo_breach_and_healthy_promoted(
         kube.put(DEPLOYMENTS, NS, target.stable, {"spec": {"replicas": 4}})
 
     scorer = _train_scorer(tmp_path)  # the service keeps serving and being scraped meanwhile
-    metrics = tuple(scorer.metrics)
-    queries = {m: {**APP_QUERIES, **INFRA_QUERIES}[m] for m in metrics}
-    source = PrometheusSource(prom, queries, {d: Selectors(s, sel["stable"])
-                                              for d, (s, _) in deployments.items()},
-                              step_s=STEP_S, metrics=metrics, timeout_s=5, retries=1)
-    policy = RollbackPolicy(PolicyConfig(
-        rollback_threshold=0.5, monitoring_interval_s=1.0, consecutive_breaches=2,
-        warmup_s=5.0, batch_interval_s=15.0, max_batches=3))
-    board = VerdictBoard([{"id": d, "namespace": NS, "canary": t.canary, "stable": t.stable}
-                          for d, (_, t) in deployments.items()])
-    controller = Controller(ScorerPolicy("model", scorer, policy), source)
-    actuator = RecordingActuator(DeploymentActuator(
-        kube.api_client, {d: t for d, (_, t) in deployments.items()}, retries=1))
+    with tracking.start_run({}, run_name="e2e-scorer"):
+        tracking.log_scorer(scorer, "canary-scorer", alias="champion")
+    metrics = list(scorer.metrics)
     slo = Catalog.default().get("latency_p99").slo
     assert slo is not None
 
@@ -244,47 +192,65 @@ def test_faulty_canary_rolled_back_before_slo_breach_and_healthy_promoted(
                                 for d, (s, _) in deployments.items()},
                                {m: APP_QUERIES[m] for m in ("latency_p99", "request_rate")})
     bridge.start()
-    stop_loop = threading.Event()
-    with DecisionLog(tmp_path / "decisions.sqlite") as dlog, \
-            ObservabilityServer(ServeMetrics(), Health()) as http:
-        install(http, board, token=None, stale_after_s=10)
-        loop = ServeLoop(BoardDecider(controller, board), actuator, dlog, policy="model")
-        runner = threading.Thread(target=loop.run, args=(lambda: list(deployments), 1.0,
-                                                         stop_loop.is_set), daemon=True)
-        runner.start()
-        breach: float | None = None
-        verdicts: dict[str, str] = {}
-        deadline = stack["bad_onset"] + 75
-        try:
-            while time.time() < deadline:
-                time.sleep(2)
-                for d in deployments:
-                    verdicts[d] = requests.get(http.url + ARGO_VERDICT, params={"deployment": d},
-                                               timeout=5).json()["verdict"]
-                done = {a.deployment_id for a in actuator.acted
-                        if a.action in (Action.ROLLBACK, Action.PROMOTE)}
-                breach = breach or _first_breach(prom, sel["bad"], slo, stack["t_start"])
-                if done == set(deployments) and breach is not None:
-                    break
-        finally:
-            stop_loop.set()
-            runner.join(15)
-        entries = dlog.pending()  # nothing left un-applied
-        assert entries == []
-
-    acted = {(a.deployment_id, a.action): a.at_s for a in actuator.acted}
+    # `canaryml serve` itself, with the user's own serve config file (conf/serve/e2e.yaml)
+    http_port = free_port()
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO / "conf", conf)
+    log_path = tmp_path / "decisions.sqlite"
+    deadline = stack["bad_onset"] + 75
+    (conf / "serve" / "e2e.yaml").write_text(yaml.safe_dump({
+        "defaults": ["default", "_self_"],
+        "model": "models:/canary-scorer@champion", "model_poll_s": 5,
+        "interval_s": 1.0, "step_s": STEP_S, "metrics": metrics,
+        "duration_s": max(deadline - time.time(), 10.0), "decision_log": str(log_path),
+        "deployments": [{"id": d, "namespace": NS, "canary": t.canary, "stable": t.stable,
+                         "selectors": {"canary": s, "baseline": sel["stable"]}}
+                        for d, (s, t) in deployments.items()],
+        "source": {"kind": "prometheus", "prometheus": {
+            "url": prom, "timeout_s": 5.0, "retries": 1,
+            "queries": {m: {**APP_QUERIES, **INFRA_QUERIES}[m] for m in metrics}}},
+        "actuator": {"kind": "deployment", "kube_host": kube.api_client.configuration.host,
+                     "retries": 1},
+        "http": {"host": "127.0.0.1", "port": http_port}}))
+    monkeypatch.setenv("CANARYML_CONF", str(conf))
+    cfg = compose("serve", ["serve=e2e", "policy.rollback_threshold=0.5",
+                            "policy.monitoring_interval_s=1", "policy.consecutive_breaches=2",
+                            "policy.warmup_s=5", "policy.batch_interval_s=15",
+                            "policy.max_batches=3"])
+    result: dict[str, Any] = {}
+    server = threading.Thread(target=lambda: result.setdefault("rc", serve_task.run(cfg)),
+                              daemon=True)
+    server.start()
+    breach: float | None = None
+    verdicts: dict[str, str] = {}
+    url = f"http://127.0.0.1:{http_port}"
+    while server.is_alive():
+        time.sleep(2)
+        for d in deployments:
+            with contextlib.suppress(requests.RequestException):  # not listening yet
+                verdicts[d] = requests.get(url + ARGO_VERDICT, params={"deployment": d},
+                                           timeout=5).json()["verdict"]
+        breach = breach or _first_breach(prom, sel["bad"], slo, stack["t_start"])
+    server.join()
+    assert result.get("rc") == 0
+    with DecisionLog(log_path) as dlog:
+        assert dlog.pending() == []  # every decision applied
+        entries = dlog.entries()
+    acted = {}
+    for e in entries:
+        if e.action is not Action.CONTINUE:
+            acted.setdefault((e.deployment_id, e.action), e.decided_at)
     rolled_back = acted.get(("web-bad", Action.ROLLBACK))
     assert rolled_back is not None, (
-        f"the faulty canary was not rolled back; last decisions: {actuator.acted[-4:]}")
+        f"the faulty canary was not rolled back; decisions: {sorted(acted.items())}")
     assert breach is not None, "the faulty canary never breached its SLO during the test"
     assert rolled_back >= stack["bad_onset"], "rolled back before the fault even started"
     assert rolled_back < breach, (f"rollback {rolled_back - breach:+.1f} s after the SLO breach")
     lead_s = breach - rolled_back
 
     assert ("web-good", Action.PROMOTE) in acted, (
-        f"healthy canary not promoted; last decisions: {actuator.acted[-4:]}")
-    assert not any(a.deployment_id == "web-good" and a.action in (Action.ROLLBACK, Action.SHRINK)
-                   for a in actuator.acted)
+        f"healthy canary not promoted; decisions: {sorted(acted.items())}")
+    assert ("web-good", Action.ROLLBACK) not in acted and ("web-good", Action.SHRINK) not in acted
     # the Kubernetes side: replicas moved back to stable for the bad canary only
     bad_t, good_t = deployments["web-bad"][1], deployments["web-good"][1]
     assert kube.get(DEPLOYMENTS, NS, bad_t.canary)["spec"]["replicas"] == 0
