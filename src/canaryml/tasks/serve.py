@@ -384,24 +384,12 @@ def build(serve: Mapping[str, Any], policy: PolicyConfig, *, catalog_names: Iter
 
 def _install_endpoints(server: ObservabilityServer, deployments: list[dict[str, Any]], *,
                        stale_after_s: float) -> Any:
-    """The Argo/Flagger verdict endpoints (canaryml.serving.endpoints), when present."""
-    try:
-        from canaryml.serving import endpoints
-    except ImportError as exc:
-        log.warning("Argo/Flagger verdict endpoints unavailable (%s); serving /metrics and "
-                    "/healthz only", exc)
-        return None
-    import os
-    from pathlib import Path
+    """The Argo/Flagger verdict endpoints (canaryml.serving.endpoints) on the same server."""
+    from canaryml.serving import endpoints
 
-    token_from_env = getattr(endpoints, "token_from_env", None)
-    if token_from_env is not None:
-        token = token_from_env()
-    else:
-        path = os.environ.get("CANARYML_HTTP_TOKEN_FILE")
-        token = Path(path).read_text().strip() or None if path else None
     board = endpoints.VerdictBoard(deployments)
-    endpoints.install(server, board, token=token, stale_after_s=stale_after_s)
+    endpoints.install(server, board, token=endpoints.token_from_env(),
+                      stale_after_s=stale_after_s)
     return board
 
 
