@@ -57,7 +57,10 @@ def run(cfg: DictConfig) -> int:
     tracking.configure(cfg.mlflow.tracking_uri)
     with tracking.start_run(conf, experiment=str(cfg.mlflow.experiment), run_name="register",
                             dataset_hash=None if dataset_hash is None else str(dataset_hash),
-                            tags={"command": "register", "scorer_dir": str(path.resolve())}) as run:
+                            tags={"command": "register", "scorer_dir": str(path.resolve()),
+                                  # lineage: the version's own run is this one; link the training
+                                  "train_run_id": str(scorer.info.get("train_run_id") or "")}
+                            ) as run:
         mv = tracking.log_scorer(scorer, name, alias=alias)
     print(f"registered {name} v{mv.version}{f' @{alias}' if alias else ''} from {path} "
           f"(run {run.info.run_id}, dataset_hash={dataset_hash or 'unknown'})")
