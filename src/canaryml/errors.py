@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class CanarymlError(Exception):
     """Base class: the CLI prints the message and exits non-zero without a traceback."""
@@ -33,3 +35,11 @@ class SourceError(CanarymlError):
 
 class ActuatorError(CanarymlError):
     """An actuator (Kubernetes, Argo Rollouts, Flagger, Swarm) could not apply an action."""
+
+
+def reject_unknown_keys(data: Iterable[str], known: Iterable[str], where: str) -> None:
+    """ConfigError naming the keys of `data` that are not in `known` (a typo in a config file)."""
+    allowed = set(known)
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"{where} has unknown key(s) {unknown}; allowed: {sorted(allowed)}")

@@ -30,7 +30,7 @@ from typing import Any
 
 from canaryml.control.policy import PolicyConfig
 from canaryml.data.dataset import CanonicalDataset
-from canaryml.errors import ConfigError, ModelLoadError, PromotionGateError
+from canaryml.errors import ConfigError, ModelLoadError, PromotionGateError, reject_unknown_keys
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,7 @@ class Gates:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Gates:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"registry.gates has unknown key(s) {unknown}; allowed: "
-                              f"{sorted(known)}")
+        reject_unknown_keys(data, (f.name for f in fields(cls)), "registry.gates")
         return cls(**{k: (None if v is None else float(v)) for k, v in data.items()})
 
 
@@ -127,11 +123,7 @@ class PromoteSettings:
         d = dict(data)
         d.pop("register_alias", None)
         gates = Gates.from_mapping(dict(d.pop("gates", None) or {}))
-        known = {f.name for f in fields(cls)} - {"gates"}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"registry config has unknown key(s) {unknown}; allowed: "
-                              f"{sorted(known | {'gates', 'register_alias'})}")
+        reject_unknown_keys(d, {f.name for f in fields(cls)} | {"register_alias"}, "registry config")
         from canaryml.tasks.replay import SCORER_VARIANTS
 
         if d.get("policy", "scorer") not in SCORER_VARIANTS:

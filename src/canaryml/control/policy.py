@@ -36,7 +36,7 @@ from enum import StrEnum
 from typing import Any
 
 from canaryml.control.types import Action, Decision
-from canaryml.errors import ConfigError
+from canaryml.errors import ConfigError, reject_unknown_keys
 
 
 class RollbackStrategy(StrEnum):
@@ -88,11 +88,7 @@ class PolicyConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PolicyConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"policy config has unknown key(s) {unknown}; allowed: "
-                              f"{sorted(known)}")
+        reject_unknown_keys(data, (f.name for f in fields(cls)), "policy config")
         return cls(**dict(data))
 
     def with_threshold(self, threshold: float) -> PolicyConfig:

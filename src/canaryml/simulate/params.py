@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from canaryml.errors import ConfigError
+from canaryml.errors import ConfigError, reject_unknown_keys
 
 FAULT_FAMILIES = (
     "mem_leak",
@@ -114,10 +114,7 @@ class SimParams:
         Raises ConfigError naming the key for unknown keys and out-of-range values.
         """
         data = {str(k): _plain(v) for k, v in raw.items()}
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"simulate: unknown key(s) {unknown}; known: {sorted(names)}")
+        reject_unknown_keys(data, (f.name for f in fields(cls)), "simulate")
         kw: dict[str, Any] = {}
         for key, value in data.items():
             if key in ("fault_families", "healthy_variants"):
