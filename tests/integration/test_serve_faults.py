@@ -157,6 +157,54 @@ def test_api_409_and_503_never_act_twice_and_a_restart_reapplies_pending(
     assert per_object == {"web-stable": 1, "web-canary": 1, "api-stable": 4, "api-canary": 1}
 
 
+def test_a_failed_rollback_is_retried_until_applied_and_health_says_so(
+        mlflow_uri: str, tmp_path: Path, tiny_scorer_dir: Path, kube: KubeHarness) -> None:  # noqa: F811
+    """Issue 16 #1: a ROLLBACK whose PATCH fails (500, all attempts of one apply) is retried on
+    later ticks until it lands; meanwhile /healthz stays degraded although the other
+    deployment's actions succeed, and the failed deployment gets no new decision."""
+    serve = serve_cfg(tmp_path, f"serve.model={tiny_scorer_dir}",
+                      "serve.actuator.retry_backoff_s=0.05", "serve.actuator.retry_backoff_max_s=0.2")
+    serve["deployments"] = [{"id": "web"}, {"id": "api"}]
+    kube.put(DEPLOYMENTS, NS, "web-canary", {"spec": {"replicas": 4}})
+    kube.put(DEPLOYMENTS, NS, "web-stable", {"spec": {"replicas": 6}})
+    source = ReplaySource({"web": arrays("web", bad=True), "api": arrays("api", bad=False)})
+    # retries=0: one 500 fails the whole apply; the stable side landed, the canary did not
+    kube.inject("PATCH", 500, count=3, name="web-canary")
+    svc = serve_task.build(serve, POLICY, source=source,
+                           actuator=deployment_actuator(kube, retries=0))
+    try:
+        svc.tick()
+        assert replicas(kube, "web") == (4, 10)
+        (web,) = svc.loop.log.entries("web")
+        assert web.action is Action.ROLLBACK and not web.applied and "500" in (web.error or "")
+        svc.tick()  # api's successful actions must not turn health green
+        assert svc.server is not None
+        health = requests.get(f"{svc.server.url}/healthz", timeout=5)
+        assert health.status_code == 503
+        assert "deployment=web step=0 action=rollback not applied" in health.json()["reasons"][
+            "actuator"]
+
+        def rolled_back() -> bool:
+            svc.tick()
+            return replicas(kube, "web") == (0, 10)
+        until(rolled_back, 30, "the failed rollback to be retried and land", every_s=0.05)
+        assert kube.emulator.faults[0].count == 0  # it landed only after all 3 injected 500s
+        assert requests.get(f"{svc.server.url}/healthz", timeout=5).status_code == 200
+        assert 'canaryml_errors_total{kind="actuator"} 3.0' in requests.get(
+            f"{svc.server.url}/metrics", timeout=5).text
+        api_ticks = len(svc.loop.log.entries("api"))
+        svc.tick()
+        assert len(svc.loop.log.entries("api")) == api_ticks + 1  # api kept deciding throughout
+    finally:
+        svc.close()
+    with DecisionLog(tmp_path / "decisions.sqlite") as log:
+        (web,) = log.entries("web")  # no new decision for web while its rollback was pending
+        assert web.applied and web.error is None and log.pending() == []
+    canary_patches = [b for p, b in kube.patches() if p.endswith("/web-canary")]
+    assert [b["spec"]["replicas"] for b in canary_patches] == [0] * 4  # 3 failed + the one landed
+    assert sum(1 for p, _ in kube.patches() if p.endswith("/web-stable")) == 1  # moved once
+
+
 def test_registry_unreachable_pauses_without_a_model(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")

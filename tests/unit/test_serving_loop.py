@@ -46,6 +46,20 @@ class Flaky:
             self.applied.append((deployment_id, step, decision.action))
 
 
+class OneDown:
+    """Fails every action for one deployment while `down` names it."""
+
+    def __init__(self, down: str | None) -> None:
+        self.down = down
+        self.calls: list[int] = []
+
+    def apply(self, deployment_id: str, decision: Decision, step: int) -> None:
+        if deployment_id == "a":
+            self.calls.append(step)
+        if deployment_id == self.down:
+            raise ActuatorError("503 from the API server")
+
+
 class Acking:
     def __init__(self) -> None:
         self.acked: list[str] = []
@@ -71,7 +85,9 @@ def test_source_down_pauses_actuator_failure_is_pending_and_restart_resumes(
     assert e1.reasons == ("source unavailable: prometheus unreachable after 4 attempts",)
     assert health.snapshot()["reasons"] == {"source": "prometheus unreachable after 4 attempts"}
     e2, = loop.tick(["d1"])  # the source is back, but the actuator fails
-    assert health.snapshot()["reasons"] == {"actuator": "503 from the API server"}
+    assert health.snapshot()["reasons"] == {"actuator": "deployment=d1 step=2 action=shrink not "
+                                            "applied after 1 attempt(s), retrying: 503 from the "
+                                            "API server"}
     assert not e2.applied and loop.log.pending()[0].error == "503 from the API server"
     assert source.acked == ["d1", "d1", "d1"]  # acked after each decision was logged
     assert [(s, a) for _, s, a in actuator.applied] == [(0, Action.CONTINUE), (1, Action.PAUSE)]
@@ -95,3 +111,43 @@ def test_source_down_pauses_actuator_failure_is_pending_and_restart_resumes(
     assert sum(1 for r in caplog.records if r.name == "canaryml.decision") == 4
     text = metrics.registry.get_sample_value("canaryml_errors_total", {"kind": "source"})
     assert text == 1.0
+
+
+def test_unapplied_action_is_retried_with_backoff_and_blocks_only_its_deployment(
+        tmp_path: Path) -> None:
+    """Issue 16 #1: per-deployment exponential backoff on the retry clock; the other deployment
+    keeps deciding; health names the unapplied action until it lands."""
+    t = {"now": 0.0}
+    decider = Scripted([Decision(Action.ROLLBACK, "score 0.97", 0.97),
+                        Decision(Action.CONTINUE, "ok", 0.1)] + [
+                        Decision(Action.CONTINUE, "ok", 0.1)] * 10)
+    actuator, health, metrics = OneDown("a"), Health(), ServeMetrics()
+    loop = ServeLoop(decider, actuator, DecisionLog(tmp_path / "d.sqlite"), metrics=metrics,
+                     health=health, retry_backoff_s=10, retry_backoff_max_s=25,
+                     retry_clock=lambda: t["now"])
+    calls = actuator.calls
+    assert [e.deployment_id for e in loop.tick(["a", "b"])] == ["a", "b"]
+    assert "deployment=a step=0 action=rollback not applied after 1 attempt(s)" in (
+        health.snapshot()["reasons"]["actuator"])  # b's success did not clear it
+    t["now"] = 9.9
+    assert [e.deployment_id for e in loop.tick(["a", "b"])] == ["b"]
+    assert calls == [0]  # backoff (10 s) not elapsed: no retry yet
+    t["now"] = 10.0
+    loop.tick(["a", "b"])
+    assert calls == [0, 0] and loop.unapplied["a"].attempts == 2
+    t["now"] = 29.9  # second wait is 20 s
+    loop.tick(["a", "b"])
+    assert calls == [0, 0]
+    t["now"] = 30.0
+    loop.tick(["a", "b"])
+    assert calls == [0, 0, 0] and loop.unapplied["a"].attempts == 3
+    assert loop.unapplied["a"].next_attempt_s == 55.0  # capped at 25 s
+    actuator.down = None
+    t["now"] = 55.0
+    assert [e.deployment_id for e in loop.tick(["a", "b"])] == ["b"]  # a: rolled back, finished
+    assert calls == [0, 0, 0, 0] and loop.unapplied == {}
+    assert health.snapshot()["status"] == "ok"
+    (a,) = loop.log.entries("a")
+    assert a.applied and a.error is None
+    assert metrics.registry.get_sample_value("canaryml_errors_total", {"kind": "actuator"}) == 3
+    loop.log.close()

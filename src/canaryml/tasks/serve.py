@@ -363,8 +363,11 @@ def build(serve: Mapping[str, Any], policy: PolicyConfig, *, catalog_names: Iter
         controller = Controller(scorer_policy, ReportingSource(src, health, metrics),
                                 lookback=max(min_lookback, holder.lookback),
                                 model_version=lambda: holder.version)
+        acfg = serve.get("actuator") or {}
         loop = ServeLoop(controller, act, decision_log, source=src, metrics=metrics,
-                         health=health, model_version=lambda: holder.version, clock=clock)
+                         health=health, model_version=lambda: holder.version, clock=clock,
+                         retry_backoff_s=float(acfg.get("retry_backoff_s", 5.0)),
+                         retry_backoff_max_s=float(acfg.get("retry_backoff_max_s", 300.0)))
         if http:
             h = dict(serve.get("http") or {})
             server = ObservabilityServer(metrics, health, host=h.get("host"),
