@@ -78,17 +78,24 @@ from canaryml.data.dataset import CanonicalDataset
 summary = json.loads((REPLAY_DIR / "summary.json").read_text())
 outcomes = pd.read_parquet(REPLAY_DIR / "decisions.parquet")
 log = pd.read_parquet(REPLAY_DIR / "decision_log.parquet")
+paths, hashes = summary["dataset"]["path"], summary["dataset"]["content_hash"]
+if isinstance(paths, list):  # a replay over several evaluation corpora: look at the first
+    paths, hashes = paths[0], hashes[0]
+    first = next(iter(summary["dataset"]["corpora"]))
+    log, outcomes = log[log["corpus"] == first], outcomes[outcomes["corpus"] == first]
 if DATASET is None:
-    DATASET = summary["dataset"]["path"]
+    DATASET = paths
     if not Path(DATASET).is_absolute() and not Path(DATASET).exists():
         DATASET = str(repo_root() / DATASET)
 ds = CanonicalDataset(DATASET)
-if ds.content_hash != summary["dataset"]["content_hash"]:
+if ds.content_hash != hashes:
     print("warning: the dataset changed since this replay (content hash differs)")
 policies = list(summary["policies"])
 if POLICY not in policies:
     POLICY = policies[0]
-threshold = float(summary["policy_config"]["rollback_threshold"])
+# the policy's own settings (chosen on calibration data when the replay had a calibration corpus)
+threshold = float(summary["policies"][POLICY].get("settings", {}).get(
+    "rollback_threshold", summary["policy_config"]["rollback_threshold"]))
 print(f"{summary['dataset']['deployments']} deployments {summary['dataset']['labels']}, "
       f"policies {policies}, model {summary['model']}, rollback threshold {threshold}")
 pd.DataFrame({p: {k: m.get(k) for k in ("detection_rate", "false_rollback_rate",

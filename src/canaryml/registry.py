@@ -124,7 +124,7 @@ class PromoteSettings:
         d.pop("register_alias", None)
         gates = Gates.from_mapping(dict(d.pop("gates", None) or {}))
         reject_unknown_keys(d, {f.name for f in fields(cls)} | {"register_alias"}, "registry config")
-        from canaryml.tasks.replay import SCORER_VARIANTS
+        from canaryml.replay.protocol import SCORER_VARIANTS
 
         if d.get("policy", "scorer") not in SCORER_VARIANTS:
             raise ConfigError(f"registry.policy={d['policy']!r} is unknown; use one of "
@@ -230,8 +230,8 @@ def evaluate(name: str, version: str, ds: CanonicalDataset, policy: PolicyConfig
     import numpy as np
 
     from canaryml import tracking
+    from canaryml.replay.protocol import build_policies, summarize
     from canaryml.replay.runner import replay
-    from canaryml.tasks.replay import build_policies, summarize
 
     key = eval_key(name, version, ds.content_hash, policy, replay_cfg, variant)
     if reuse:

@@ -24,9 +24,12 @@ def test_replay_cli_writes_decisions_summary_report(tmp_path: Path, mlflow_uri: 
     for name in ("scorer", "argo", "kayenta"):
         m = summary["policies"][name]
         assert 0.0 <= m["detection_rate"] <= 1.0 and 0.0 <= m["false_rollback_rate"] <= 1.0
-        # the 101-point grid plus up to one breakpoint per deployment (8 here)
-        assert 101 <= len(m["sweep"]["threshold"]) <= 101 + 8
-        assert "frr<=0.01" in m["operating_points"]
+        # the oracle sweep: the 101-point grid plus up to one breakpoint per deployment (8 here)
+        assert 101 <= len(m["oracle_sweep"]["threshold"]) <= 101 + 8
+        assert "frr<=0.01" in m["oracle_operating_points"]
+        assert m["settings_chosen_on"] == "configuration"
+        lo, hi = m["ci95"]["detection_rate"]
+        assert lo <= m["detection_rate"] <= hi
     # the stand-in scorer catches the injected faults better than chance
     assert summary["policies"]["scorer"]["detection_rate"] >= 0.5
     assert summary["replay"]["speed_x_realtime"] > 1
@@ -45,3 +48,28 @@ def test_replay_cli_unknown_policy_is_a_config_error(tmp_path: Path) -> None:
                              "replay.policies=[nope]", "replay.mlflow=false"])
     with pytest.raises(ConfigError, match="nope"):
         task.run(cfg)
+
+
+def test_replay_cli_calibrates_on_one_corpus_and_evaluates_several(tmp_path: Path) -> None:
+    cal = make_corpus(tmp_path / "cal", n=10, steps=160, seed=5)
+    evals = [make_corpus(tmp_path / f"ev{i}", n=6, steps=160, seed=6 + i) for i in range(2)]
+    out = tmp_path / "out"
+    cfg = compose("replay", [f"dataset=[{evals[0]},{evals[1]}]", f"out={out}", "model=standin",
+                             f"replay.calibration.dataset={cal}", "replay.calibration.target_frr=0.3",
+                             "replay.calibration.kayenta.effect_size=[1.0,1.25]",
+                             "replay.calibration.kayenta.interval_s=[300]",
+                             "replay.bootstrap.samples=50", "replay.report.incidents=1",
+                             "replay.mlflow=false", "policy.warmup_s=0"])
+    assert task.run(cfg) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protocol"]["settings_chosen_on"]["path"] == str(cal)
+    assert set(summary["dataset"]["corpora"]) == {"ev0", "ev1"}
+    for name in ("scorer", "argo", "kayenta"):
+        m = summary["policies"][name]
+        assert m["settings_chosen_on"] == "calibration"
+        assert m["calibration"]["false_rollback_rate"] <= 0.3
+        assert set(m["per_corpus"]) == {"ev0", "ev1"}
+        assert m["configurations_compared"] > 0
+    assert summary["policies"]["kayenta"]["settings"]["allowed_increase"] in (1.0, 1.25)
+    dec = pd.read_parquet(out / "decisions.parquet")
+    assert set(dec["corpus"]) == {"ev0", "ev1"} and len(dec) == 3 * 12

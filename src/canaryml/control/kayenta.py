@@ -113,9 +113,11 @@ def mann_whitney(canary: np.ndarray, baseline: np.ndarray, confidence: float = 0
     return MannWhitneyResult(p, lower, upper, estimate)
 
 
-def classify(metric: str, canary: np.ndarray, baseline: np.ndarray, direction: Direction,
-             cfg: KayentaConfig) -> MetricResult:
-    """Kayenta's MannWhitneyClassifier for one metric over one interval."""
+def mann_whitney_test(metric: str, canary: np.ndarray, baseline: np.ndarray,
+                      direction: Direction, cfg: KayentaConfig) -> MetricResult:
+    """Kayenta's MannWhitneyClassifier for one metric over one interval, before the effect-size
+    step: depends on `confidence` and `tolerance` only, so a judge can cache it and apply other
+    effect sizes (`with_effect_size`) without testing again."""
     x = np.asarray(canary, np.float64)
     y = np.asarray(baseline, np.float64)
     x, y = x[np.isfinite(x)], y[np.isfinite(y)]  # NaNStrategy.Remove
@@ -129,14 +131,27 @@ def classify(metric: str, canary: np.ndarray, baseline: np.ndarray, direction: D
     mean_y = float(y.mean())
     ratio = float(x.mean()) / mean_y if mean_y != 0 else (math.inf if x.mean() > 0 else 1.0)
     critical = cfg.tolerance * abs(res.estimate)
-    # a HIGH/LOW within the allowed effect size (mean ratio) is a PASS
     if direction in (Direction.UP, Direction.BOTH) and res.lower_confidence > critical:
-        if ratio >= cfg.allowed_increase:
-            return MetricResult(metric, Classification.HIGH, ratio, res, f"{metric} high")
-    elif (direction in (Direction.DOWN, Direction.BOTH) and res.upper_confidence < -critical
-          and ratio <= cfg.allowed_decrease):
+        return MetricResult(metric, Classification.HIGH, ratio, res, f"{metric} high")
+    if direction in (Direction.DOWN, Direction.BOTH) and res.upper_confidence < -critical:
         return MetricResult(metric, Classification.LOW, ratio, res, f"{metric} low")
     return MetricResult(metric, Classification.PASS, ratio, res, "")
+
+
+def with_effect_size(r: MetricResult, cfg: KayentaConfig) -> MetricResult:
+    """A HIGH whose mean ratio stays below `allowed_increase`, or a LOW whose ratio stays above
+    `allowed_decrease`, is a PASS (Kayenta's effectSize thresholds; 1.0 = off)."""
+    if (r.classification is Classification.HIGH and r.effect_size < cfg.allowed_increase) or (
+            r.classification is Classification.LOW and r.effect_size > cfg.allowed_decrease):
+        return MetricResult(r.metric, Classification.PASS, r.effect_size, r.result,
+                            f"{r.metric} within the allowed effect size")
+    return r
+
+
+def classify(metric: str, canary: np.ndarray, baseline: np.ndarray, direction: Direction,
+             cfg: KayentaConfig) -> MetricResult:
+    """Kayenta's MannWhitneyClassifier for one metric over one interval."""
+    return with_effect_size(mann_whitney_test(metric, canary, baseline, direction, cfg), cfg)
 
 
 def summary_score(results: Sequence[MetricResult], groups: Mapping[str, str],

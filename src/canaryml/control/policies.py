@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
@@ -25,8 +26,10 @@ from canaryml.catalog import Catalog
 from canaryml.control.kayenta import (
     Classification,
     KayentaConfig,
-    classify,
+    MetricResult,
+    mann_whitney_test,
     summary_score,
+    with_effect_size,
 )
 from canaryml.control.policy import PolicyConfig, PolicyState, RollbackPolicy, RollbackStrategy
 from canaryml.control.types import Action, Decision, Scorer, Window
@@ -161,13 +164,21 @@ class ThresholdJudge:
                                     evidence={"measurements": values})
 
 
+TestCache = OrderedDict[tuple[str, float, float, str, int], MetricResult]
+
+
 @dataclass
 class KayentaJudge:
     """Kayenta NetflixACAJudge run every `interval_s` over the last `interval_s` of canary vs
     baseline. Score = 1 − kayenta/100; an interval at or below `marginal` ends the run
     (ROLLBACK, inclusive threshold 1 − marginal/100); an interval at or above `pass` is clean
     (threshold 1 − pass/100); in between holds the batch. Between evaluations the policy sees
-    the last interval's score."""
+    the last interval's score.
+
+    `metrics` selects the metrics judged (None = every metric of the window). `test_cache`
+    holds Mann-Whitney results before the effect-size step (bounded LRU); judges that differ
+    only in effect size, metric selection, weights or thresholds can share one, so tuning them
+    tests each interval once."""
 
     catalog: Catalog
     config: KayentaConfig = field(default_factory=KayentaConfig)
@@ -175,6 +186,9 @@ class KayentaJudge:
     base: PolicyConfig = field(default_factory=PolicyConfig)
     name: str = "kayenta"
     step_s: float = 15.0
+    metrics: tuple[str, ...] | None = None
+    test_cache: TestCache = field(default_factory=OrderedDict)
+    cache_size: int = 65536
 
     def __post_init__(self) -> None:
         c = self.config
@@ -182,7 +196,6 @@ class KayentaJudge:
             self.base, rollback_threshold=1.0 - c.marginal_threshold / 100.0,
             clean_threshold=1.0 - c.pass_threshold / 100.0, breach_inclusive=True,
             consecutive_breaches=1, rollback_strategy=RollbackStrategy.IMMEDIATE))
-        self._memo: dict[tuple[str, float, int], tuple[float, dict[str, Any]]] = {}
 
     @property
     def lookback(self) -> int:
@@ -191,31 +204,36 @@ class KayentaJudge:
     def initial_state(self) -> PolicyState:
         return self.rollback.initial_state()
 
-    def judge(self, window: Window) -> tuple[float, dict[str, Any]]:
-        """Kayenta score 0..100 of the last interval and the per-metric classifications."""
-        # replay's shadow run asks for the same interval again; the key includes the data
-        rows = _recent(window, self.interval_s)
-        base = b"" if window.baseline is None else window.baseline[rows].tobytes()
-        key = (window.deployment_id, float(window.now_s), hash((window.canary[rows].tobytes(), base)))
-        hit = self._memo.get(key)
+    def _test(self, window: Window, rows: np.ndarray, j: int) -> MetricResult:
+        metric = window.metrics[j]
+        assert window.baseline is not None
+        x, y = window.canary[rows, j], window.baseline[rows, j]
+        c = self.config
+        key = (window.deployment_id, float(window.now_s), float(self.interval_s), metric,
+               hash((x.tobytes(), y.tobytes(), c.confidence, c.tolerance)))
+        hit = self.test_cache.get(key)
         if hit is None:
-            if self._memo and next(iter(self._memo))[0] != window.deployment_id:
-                self._memo.clear()  # keep one deployment's intervals only
-            hit = self._judge(window)
-            self._memo[key] = hit
+            hit = mann_whitney_test(metric, x, y, self.catalog.get(metric).direction, c)
+            self.test_cache[key] = hit
+            while len(self.test_cache) > self.cache_size:
+                self.test_cache.popitem(last=False)
         return hit
 
-    def _judge(self, window: Window) -> tuple[float, dict[str, Any]]:
+    def judge(self, window: Window) -> tuple[float, dict[str, Any]]:
+        """Kayenta score 0..100 of the last interval and the per-metric classifications."""
         if window.baseline is None:
             raise ValueError("Kayenta needs a baseline group; this deployment has none")
         rows = _recent(window, self.interval_s)
         results = []
         groups = {}
         for j, metric in enumerate(window.metrics):
-            spec = self.catalog.get(metric)
-            groups[metric] = str(spec.kind)
-            results.append(classify(metric, window.canary[rows, j], window.baseline[rows, j],
-                                    spec.direction, self.config))
+            if self.metrics is not None and metric not in self.metrics:
+                continue
+            groups[metric] = str(self.catalog.get(metric).kind)
+            results.append(with_effect_size(self._test(window, rows, j), self.config))
+        if not results:
+            raise ValueError(f"none of the judged metrics {list(self.metrics or ())} is in the "
+                             f"window ({', '.join(window.metrics)}); fix replay.kayenta.metrics")
         score, group_scores = summary_score(results, groups, self.config)
         failed = [f"{r.metric}:{r.classification}(x{r.effect_size:.2f})" for r in results
                   if r.classification in (Classification.HIGH, Classification.LOW)]

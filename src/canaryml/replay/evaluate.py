@@ -3,10 +3,13 @@
 "Rolled back" = the first SHRINK or ROLLBACK of a deployment (a gradual policy's first shrink
 already takes traffic away from the canary). Per policy, over deployments labelled
 faulty/healthy (`unknown` is left out):
-  * detection_rate       = faulty rolled back / faulty;
-  * false_rollback_rate  = healthy rolled back / healthy;
-  * caught_before_impact = faulty rolled back before `impact_at` (or rolled back and never
+  * detection_rate       = faulty rolled back at or after their fault onset / faulty;
+  * false_rollback_rate  = (healthy rolled back + faulty rolled back *before* their fault began)
+                           / (healthy + faulty whose fault began after the start): a rollback
+                           before the fault began is a false alarm, not a catch;
+  * caught_before_impact = faulty rolled back after onset and before `impact_at` (or never
                            impacted) / faulty;
+  * healthy_rolled_back_rate, rolled_back_before_onset_rate: the two parts of the false alarms;
   * lead_time_s          = impact_at − decided_at over rolled-back faulty canaries with an
                            impact (positive = before users were hurt), p10/p50/p90;
   * time_to_detect_s     = decided_at − fault_onset, p10/p50/p90.
@@ -100,28 +103,59 @@ def _pct(values: np.ndarray, q: float) -> float | None:
 
 def metrics_from_times(decided_at: np.ndarray, deployments: pd.DataFrame) -> dict[str, Any]:
     """DESIGN §7 metrics from the first-rollback time per deployment (NaN = not rolled back).
-    `deployments` aligned with `decided_at`: label, fault_onset_s, impact_at_s (NaN = none)."""
+    `deployments` aligned with `decided_at`: label, fault_onset_s, impact_at_s (NaN = none) and
+    start_s (when present; a fault with onset after the start had a healthy stretch first)."""
     label = deployments["label"].to_numpy()
     faulty, healthy = label == "faulty", label == "healthy"
     rb = np.isfinite(decided_at)
     impact = deployments["impact_at_s"].to_numpy(float)
     onset = deployments["fault_onset_s"].to_numpy(float)
-    before = rb & (~np.isfinite(impact) | (decided_at < impact))
-    lead = np.where(faulty & rb & np.isfinite(impact), impact - decided_at, np.nan)
-    ttd = np.where(faulty & rb & np.isfinite(onset), decided_at - onset, np.nan)
-    nf, nh = int(faulty.sum()), int(healthy.sum())
+    start = (deployments["start_s"].to_numpy(float) if "start_s" in deployments
+             else np.full(len(label), -np.inf))
+    early = faulty & rb & np.isfinite(onset) & (decided_at < onset)  # a false alarm
+    caught = faulty & rb & ~early
+    before = caught & (~np.isfinite(impact) | (decided_at < impact))
+    lead = np.where(caught & np.isfinite(impact), impact - decided_at, np.nan)
+    ttd = np.where(caught & np.isfinite(onset), decided_at - onset, np.nan)
+    # every canary that ran healthy for a while could be falsely rolled back: the healthy ones
+    # and the faulty ones whose fault began after the start
+    healthy_runs = healthy | (faulty & np.isfinite(onset) & (onset > start))
+    nf, nh, nr = int(faulty.sum()), int(healthy.sum()), int(healthy_runs.sum())
     out: dict[str, Any] = {
         "n_faulty": nf, "n_healthy": nh,
-        "detection_rate": float((rb & faulty).sum() / nf) if nf else None,
-        "false_rollback_rate": float((rb & healthy).sum() / nh) if nh else None,
-        "caught_before_impact": float((before & faulty).sum() / nf) if nf else None,
-        "rolled_back_before_onset": int((faulty & rb & np.isfinite(onset)
-                                         & (decided_at < onset)).sum()),
+        "detection_rate": float(caught.sum() / nf) if nf else None,
+        "false_rollback_rate": float(((rb & healthy) | early).sum() / nr) if nr else None,
+        "caught_before_impact": float(before.sum() / nf) if nf else None,
+        "healthy_rolled_back_rate": float((rb & healthy).sum() / nh) if nh else None,
+        "rolled_back_before_onset": int(early.sum()),
+        "rolled_back_before_onset_rate": float(early.sum() / nf) if nf else None,
     }
     for q in (10, 50, 90):
         out[f"lead_time_s_p{q}"] = _pct(lead, q)
         out[f"time_to_detect_s_p{q}"] = _pct(ttd, q)
     return out
+
+
+def bootstrap_intervals(decided_at: np.ndarray, deployments: pd.DataFrame, keys: Sequence[str],
+                        *, n_boot: int = 1000, seed: int = 0, strata: pd.Series | None = None,
+                        level: float = 0.95) -> dict[str, list[float] | None]:
+    """Percentile bootstrap intervals of `metrics_from_times` over deployments, resampled with
+    replacement within each stratum (default: label), so every replicate keeps the corpus's
+    mix of faulty and healthy canaries."""
+    groups = (deployments["label"] if strata is None else strata).astype(str).to_numpy()
+    idx_by = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {k: [] for k in keys}
+    table = deployments.reset_index(drop=True)
+    for _ in range(int(n_boot)):
+        idx = np.concatenate([rng.choice(ix, size=len(ix), replace=True) for ix in idx_by])
+        m = metrics_from_times(decided_at[idx], table.iloc[idx].reset_index(drop=True))
+        for k in keys:
+            if m.get(k) is not None:
+                draws[k].append(float(m[k]))
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    return {k: ([float(np.percentile(v, lo)), float(np.percentile(v, hi))] if v else None)
+            for k, v in draws.items()}
 
 
 def sweep_table(history: ScoreHistory, cfg: PolicyConfig, deployments: pd.DataFrame,

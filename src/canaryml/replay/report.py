@@ -40,16 +40,18 @@ def plot_curves(sweeps: Mapping[str, pd.DataFrame], points: Mapping[str, Mapping
         s = sw.sort_values("false_rollback_rate")
         ax.step(s["false_rollback_rate"], s["caught_before_impact"], where="post", label=name)
         p = points.get(name)
-        if p:
-            ax.plot(p["false_rollback_rate"], p["caught_before_impact"], "o", color="k", ms=3)
+        if p and p.get("false_rollback_rate") is not None:
+            ax.plot(p["false_rollback_rate"], p["caught_before_impact"], "o",
+                    color=ax.lines[-1].get_color(), ms=6, mec="k")
     for x in (0.01, 0.05):
         ax.axvline(x, ls=":", color="grey", lw=0.8)
-    ax.set_xlabel("false rollback rate (healthy canaries rolled back)")
+    ax.set_xlabel("false rollback rate (healthy canaries and pre-onset rollbacks)")
     ax.set_ylabel("faulty canaries caught before impact")
     ax.set_xlim(-0.01, 1.0)
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8)
-    ax.set_title("threshold sweep")
+    ax.set_title("oracle: threshold sweep on the evaluation corpora\n"
+                 "dots: each policy at its training-chosen settings", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -114,28 +116,46 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+def _ci(m: Mapping[str, Any], key: str) -> str:
+    v, ci = m.get(key), (m.get("ci95") or {}).get(key)
+    if v is None:
+        return "–"
+    return _fmt(v) + ("" if not ci else f" <small>[{_fmt(ci[0])}, {_fmt(ci[1])}]</small>")
+
+
 def write_html(summary: Mapping[str, Any], curve_png: Path, timeline_pngs: list[Path],
                path: Path) -> Path:
     pol = summary["policies"]
-    head = "".join(f"<th>{c}</th>" for c in ("policy", "threshold", *TABLE_COLS,
-                                              "op@FRR≤1%: caught", "op@FRR≤5%: caught"))
+    head = "".join(f"<th>{c}</th>" for c in (
+        "policy", "settings", *TABLE_COLS, "oracle@FRR≤1%: caught", "oracle@FRR≤5%: caught"))
     rows = []
     for name, m in pol.items():
-        ops = m.get("operating_points", {})
-        cells = [name, m.get("threshold"), *(m.get(c) for c in TABLE_COLS),
-                 (ops.get("frr<=0.01") or {}).get("caught_before_impact"),
-                 (ops.get("frr<=0.05") or {}).get("caught_before_impact")]
-        rows.append("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in cells) + "</tr>")
+        ops = m.get("oracle_operating_points", {})
+        settings = html.escape(", ".join(f"{k}={v}" for k, v in (m.get("settings") or {}).items()
+                                         if k not in ("groups", "critical", "data_required")))
+        cells = [html.escape(name), f"<small>{settings}</small>", *(_ci(m, c) for c in TABLE_COLS),
+                 _fmt((ops.get("frr<=0.01") or {}).get("caught_before_impact")),
+                 _fmt((ops.get("frr<=0.05") or {}).get("caught_before_impact"))]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     ds = summary.get("dataset", {})
+    proto = summary.get("protocol", {})
+    chosen = proto.get("settings_chosen_on")
+    how = (f"Settings chosen on the calibration corpus <code>{html.escape(str(chosen['path']))}"
+           f"</code> at a false-rollback target of {chosen['target_frr']:g}" if chosen else
+           "Settings as configured (no calibration corpus given)")
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>canaryml replay</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}}img{{max-width:100%}}</style>
 </head><body><h1>canaryml replay</h1>
-<p>dataset <code>{html.escape(str(ds.get('path')))}</code> ({ds.get('deployments')} deployments,
+<p>evaluation {html.escape(str(ds.get('path')))} ({ds.get('deployments')} deployments,
 labels {html.escape(str(ds.get('labels')))}), model <code>{html.escape(str(summary.get('model')))}</code>.
-"Rolled back" = first shrink or rollback. Lead time = impact − decision (positive = before users
-were hurt). Replay speed {_fmt(summary.get('replay', {}).get('speed_x_realtime'))}× real time.</p>
-<h2>Per policy (at the configured threshold)</h2><table><tr>{head}</tr>{''.join(rows)}</table>
+{how}; each evaluation corpus replayed once with its labels hidden. "Rolled back" = first shrink
+or rollback; a rollback before the fault began is a false rollback. Lead time = impact −
+decision (positive = before users were hurt). Brackets: {html.escape(str(proto.get('intervals')))}.
+Replay speed {_fmt(summary.get('replay', {}).get('speed_x_realtime'))}× real time.</p>
+<h2>Per policy at its chosen settings</h2><table><tr>{head}</tr>{''.join(rows)}</table>
+<p>Oracle columns: best threshold of the sweep on the evaluation corpora themselves, an upper
+bound no deployed policy can reach.</p>
 <h2>Detection vs false rollback</h2>{_img(curve_png)}
 <h2>Incidents</h2>{''.join(_img(p) for p in timeline_pngs) or '<p>none</p>'}
 </body></html>"""

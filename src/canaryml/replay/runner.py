@@ -77,6 +77,13 @@ def deployment_table(ds: CanonicalDataset) -> pd.DataFrame:
     })
 
 
+class _Discard:
+    """Decision sink of the shadow runs: their per-tick scores are kept, their records are not."""
+
+    def append(self, record: LogRecord) -> None:
+        pass
+
+
 def _never_acting(policy: Policy) -> Policy:
     """A copy of `policy` that scores every tick but never acts and never promotes."""
     shadow = copy.copy(policy)
@@ -119,8 +126,10 @@ def _outcome(deployment_id: str, policy: str, recs: list[LogRecord]) -> dict[str
 
 def replay(dataset: CanonicalDataset | dict[str, DeploymentArrays], policies: Sequence[ReplayPolicy],
            *, interval_s: float, deployments: pd.DataFrame | None = None,
-           horizon_s: float | None = None, progress: bool = True) -> ReplayResult:
-    """Replay all deployments for every policy (see module docstring)."""
+           horizon_s: float | None = None, progress: bool = True, decide: bool = True
+           ) -> ReplayResult:
+    """Replay all deployments for every policy (see module docstring). `decide=False` records
+    only the score histories (what calibration sweeps): no decisions, no outcomes."""
     deps = deployments if deployments is not None else deployment_table(dataset)  # type: ignore[arg-type]
     source = ReplaySource(dataset)
     ids = deps["deployment_id"].tolist()
@@ -137,7 +146,7 @@ def replay(dataset: CanonicalDataset | dict[str, DeploymentArrays], policies: Se
             pol = replace(pol, scorer=series)
         main = Controller(pol, source, RecordingActuator(), MemoryLog(),
                           model_version=getattr(rp.policy, "model_version", None))
-        shadow = None if series is not None else Controller(_never_acting(pol), source)
+        shadow = None if series is not None else Controller(_never_acting(pol), source, log_sink=_Discard())
         ctrls[rp.name] = (main, shadow, series)
     wall: dict[str, float] = {p.name: 0.0 for p in policies}
     n_ticks = 0
@@ -166,12 +175,13 @@ def replay(dataset: CanonicalDataset | dict[str, DeploymentArrays], policies: Se
                     assert shadow is not None
                     hist = np.array([np.nan if r.score is None else r.score
                                      for r in (shadow.step(dep_id, now) for now in ticks)], float)
-                recs = replay_deployment(main, dep_id, ticks)
-                n_ticks += len(recs)
-                if series is not None and rp.full_scorer is not None:
-                    recs = _with_reasons(recs, rp.full_scorer, source)
-                all_records.extend(recs)
-                outcomes.append(_outcome(dep_id, rp.name, recs))
+                if decide:
+                    recs = replay_deployment(main, dep_id, ticks)
+                    n_ticks += len(recs)
+                    if series is not None and rp.full_scorer is not None:
+                        recs = _with_reasons(recs, rp.full_scorer, source)
+                    all_records.extend(recs)
+                    outcomes.append(_outcome(dep_id, rp.name, recs))
                 histories[rp.name].append((np.asarray(ticks, float), hist))
                 wall[rp.name] += time.perf_counter() - t0
     finally:

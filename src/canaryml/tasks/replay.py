@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -12,113 +13,50 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from canaryml.control.kayenta import KayentaConfig
-from canaryml.control.policies import KayentaJudge, ScorerPolicy, ThresholdJudge
-from canaryml.control.policy import PolicyConfig, RollbackPolicy
+from canaryml.control.policy import PolicyConfig
 from canaryml.data.atomic import atomic_dir, atomic_write_json
 from canaryml.data.dataset import CanonicalDataset
 from canaryml.errors import ConfigError
 from canaryml.replay import report
-from canaryml.replay.evaluate import (
-    ScoreHistory,
-    metrics_from_times,
-    operating_point,
-    sweep_table,
+from canaryml.replay.evaluate import ScoreHistory, operating_point, sweep_table
+from canaryml.replay.protocol import (
+    CalibrationSpace,
+    PolicyBuilder,
+    breakpoints,
+    calibrate,
+    configured_settings,
+    evaluate_blind,
+    family,
+    load_scorer_uri,
+    load_scorers,
+    per_fault_kind,
+    pooled_metrics,
 )
-from canaryml.replay.runner import ReplayPolicy, ReplayResult, replay
+from canaryml.replay.runner import ReplayPolicy, ReplayResult
 
 log = logging.getLogger(__name__)
-SCORER_VARIANTS = {"scorer": None, "scorer_forecast": 1.0, "scorer_detector": 0.0}
 
 
-def _load(uri: str) -> Any:
-    if uri == "standin":  # transparent z-score stand-in (tests, no trained model yet)
-        return None
-    from canaryml.tracking import load_scorer
-
-    return load_scorer(uri)
-
-
-def build_policies(names: list[str], models: dict[str, str], model_uri: str, pcfg: PolicyConfig,
-                   rcfg: dict[str, Any], ds: CanonicalDataset) -> list[ReplayPolicy]:
-    out: list[ReplayPolicy] = []
-    base_scorer: Any = None
-    lookback = rcfg.get("lookback")
-    for name in names:
-        if name in SCORER_VARIANTS:
-            if base_scorer is None:
-                base_scorer = _load(model_uri)
-                if base_scorer is None:
-                    from canaryml.replay.standin import GapZScorer
-
-                    base_scorer = GapZScorer(ds.metrics, ds.catalog, lookback=int(lookback or 20))
-            mix = SCORER_VARIANTS[name]
-            sc = base_scorer if mix is None else base_scorer.with_mix(mix)
-            version = str(getattr(base_scorer, "info", {}).get("model_uri", model_uri))
-            out.append(ReplayPolicy(ScorerPolicy(name, sc, RollbackPolicy(pcfg), version), sc))
-        elif name == "argo":
-            a = rcfg["argo"]
-            out.append(ReplayPolicy(ThresholdJudge(dict(a["metrics"]), int(a["failure_limit"]),
-                                                   float(a.get("measure_s", 60)), pcfg,
-                                                   step_s=float(ds.step_s))))
-        elif name == "kayenta":
-            k = rcfg["kayenta"]
-            kc = KayentaConfig(confidence=float(k["confidence"]), tolerance=float(k["tolerance"]),
-                               pass_threshold=float(k["pass_threshold"]),
-                               marginal_threshold=float(k["marginal_threshold"]),
-                               group_weights={g: float(w) for g, w in k["groups"].items()},
-                               data_required=bool(k.get("data_required", False)),
-                               critical=tuple(k.get("critical", ()) or ()))
-            out.append(ReplayPolicy(KayentaJudge(ds.catalog, kc, float(k["interval_s"]), pcfg,
-                                                 step_s=float(ds.step_s))))
-        else:
-            raise ConfigError(f"replay.policies: unknown policy {name!r}; use "
-                              f"{', '.join([*SCORER_VARIANTS, 'argo', 'kayenta'])}")
-    for name, uri in models.items():  # e.g. the Transformer scorer beside the LSTM one
-        sc = _load(str(uri))
-        if sc is None:
-            raise ConfigError(f"replay.models.{name}: give a model URI or directory")
-        out.append(ReplayPolicy(ScorerPolicy(name, sc, RollbackPolicy(pcfg), str(uri)), sc))
+def _datasets(spec: Any) -> list[tuple[str, CanonicalDataset]]:
+    paths = [str(p) for p in spec] if isinstance(spec, list | tuple) else [str(spec)]
+    if not paths:
+        raise ConfigError("replay needs dataset=DIR (or a list of evaluation corpora)")
+    out = [(Path(p).name or p, CanonicalDataset(p)) for p in paths]
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        out = [(f"{i}:{n}", d) for i, (n, d) in enumerate(out)]
     return out
 
 
-def breakpoints(history: ScoreHistory, cfg: PolicyConfig, grid: np.ndarray) -> np.ndarray:
-    """The grid plus, per deployment, the highest threshold that still rolls it back (the max
-    over ticks of the min of `consecutive_breaches` scores in a row): the sweep then resolves
-    every change of the curve, also where calibrated scores crowd near 1."""
-    s = np.where(np.isfinite(history.scores), history.scores, -np.inf)
-    c = max(1, int(cfg.consecutive_breaches))
-    run = s.copy()
-    for k in range(1, c):
-        run[:, k:] = np.minimum(run[:, k:], s[:, :-k])
-        run[:, :k] = -np.inf
-    peaks = run.max(axis=1)
-    return np.unique(np.concatenate([grid, peaks[np.isfinite(peaks) & (peaks >= 0)]]))
+def _concat(histories: list[ScoreHistory]) -> ScoreHistory:
+    T = max(h.times_s.shape[1] for h in histories)
 
+    def pad(a: np.ndarray) -> np.ndarray:
+        return np.pad(a, ((0, 0), (0, T - a.shape[1])), constant_values=np.nan)
 
-def summarize(result: ReplayResult, policies: list[ReplayPolicy], thresholds: np.ndarray,
-              frr_targets: list[float]) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
-    deps = result.deployments
-    summary: dict[str, Any] = {}
-    sweeps: dict[str, pd.DataFrame] = {}
-    for rp in policies:
-        o = result.outcomes[result.outcomes["policy"] == rp.name].set_index("deployment_id")
-        o = o.loc[deps["deployment_id"]]
-        decided = np.where(o["rolled_back"].to_numpy(bool), o["decided_at_s"].to_numpy(float),
-                           np.nan)
-        m = metrics_from_times(decided, deps)
-        cfg = rp.policy.rollback.config
-        hist = result.histories[rp.name]
-        sw = sweep_table(hist, cfg, deps, breakpoints(hist, cfg, thresholds))
-        sweeps[rp.name] = sw
-        m["threshold"] = cfg.rollback_threshold
-        m["promoted"] = int((o["final_action"] == "promote").sum())
-        m["paused_ticks"] = int(o["paused_ticks"].sum())
-        m["operating_points"] = {f"frr<={t:g}": operating_point(sw, t) for t in frr_targets}
-        m["sweep"] = sw.replace({np.nan: None}).to_dict(orient="list")
-        m["replay_wall_s"] = result.per_policy_wall_s.get(rp.name)
-        summary[rp.name] = m
-    return summary, sweeps
+    return ScoreHistory(tuple(i for h in histories for i in h.deployment_ids),
+                        np.vstack([pad(h.times_s) for h in histories]),
+                        np.vstack([pad(h.scores) for h in histories]))
 
 
 def run(cfg: DictConfig) -> int:
@@ -127,54 +65,132 @@ def run(cfg: DictConfig) -> int:
         return _run_pointwise(cfg, rc)
     if not cfg.out:
         raise ConfigError("replay needs out=DIR for decisions.parquet, summary.json and the report")
-    ds = CanonicalDataset(cfg.dataset)
-    pcfg = PolicyConfig.from_mapping(cast(dict, OmegaConf.to_container(cfg.policy, resolve=True)))
-    policies = build_policies(list(rc["policies"]), dict(rc.get("models") or {}), str(cfg.model),
-                              pcfg, rc, ds)
     t0 = time.perf_counter()
-    result = replay(ds, policies, interval_s=pcfg.monitoring_interval_s,
-                    horizon_s=rc.get("horizon_s"))
+    datasets = _datasets(OmegaConf.to_container(cfg.dataset) if OmegaConf.is_list(cfg.dataset)
+                         else cfg.dataset)
+    pcfg = PolicyConfig.from_mapping(cast(dict, OmegaConf.to_container(cfg.policy, resolve=True)))
+    models = {str(k): str(v) for k, v in (rc.get("models") or {}).items()}
+    names = list(dict.fromkeys([*rc["policies"], *models]))
+    for n in names:
+        family(n, models)  # unknown names fail before anything is loaded
+    first = datasets[0][1]
+    scorers, versions = load_scorers(names, models, str(cfg.model), rc.get("lookback"), first)
+    base = {n: configured_settings(n, models, pcfg, rc) for n in names}
     thresholds = np.linspace(0.0, 1.0, int(rc["sweep"]["thresholds"]))
-    per_policy, sweeps = summarize(result, policies, thresholds, list(rc["sweep"]["frr_targets"]))
-    labels = result.deployments["label"].value_counts().to_dict()
+    cal = rc["calibration"]
+    tuned = None
+    if cal.get("dataset"):
+        cds = CanonicalDataset(str(cal["dataset"]))
+        clash = [n for n, d in datasets if d.content_hash == cds.content_hash]
+        if clash:
+            raise ConfigError(f"replay.calibration.dataset={cal['dataset']} is the evaluation "
+                              f"corpus {clash[0]}; thresholds must be chosen on other (training-"
+                              "side) data: give a separately simulated or held-back corpus")
+        builder = PolicyBuilder(cds.catalog, tuple(cds.metrics), float(cds.step_s), pcfg,
+                                scorers, models, versions)
+        tuned = calibrate(cds, names, base, builder, CalibrationSpace.from_mapping(cal),
+                          float(cal["target_frr"]), thresholds, horizon_s=rc.get("horizon_s"))
+    settings = {n: (tuned[n].settings if tuned else base[n]) for n in names}
+
+    def make(ds: CanonicalDataset) -> list[ReplayPolicy]:
+        b = PolicyBuilder(ds.catalog, tuple(ds.metrics), float(ds.step_s), pcfg, scorers, models,
+                          versions)
+        return [b.build(n, settings[n]) for n in names]
+
+    evals = evaluate_blind(datasets, make, pcfg.monitoring_interval_s, horizon_s=rc.get("horizon_s"))
+    # ---- labels are read from here on ----
+    policies = make(first)
+    frr_targets = list(rc["sweep"]["frr_targets"])
+    boot = rc["bootstrap"]
+    per_policy: dict[str, Any] = {}
+    sweeps: dict[str, pd.DataFrame] = {}
+    truth = pd.concat([e.truth for e in evals], ignore_index=True)
+    for rp in policies:
+        m = pooled_metrics(evals, rp.name, n_boot=int(boot["samples"]), seed=int(boot["seed"]))
+        outs = pd.concat([e.result.outcomes[e.result.outcomes["policy"] == rp.name] for e in evals])
+        m["promoted"] = int((outs["final_action"] == "promote").sum())
+        m["paused_ticks"] = int(outs["paused_ticks"].sum())
+        m["settings"] = settings[rp.name]
+        m["settings_chosen_on"] = "calibration" if tuned else "configuration"
+        if tuned:
+            m["calibration"] = tuned[rp.name].calibration
+            m["configurations_compared"] = tuned[rp.name].configurations
+        m["per_fault_kind"] = per_fault_kind(evals, rp.name)
+        hist = _concat([e.result.histories[rp.name] for e in evals])
+        pcfg_rp = rp.policy.rollback.config
+        sw = sweep_table(hist, pcfg_rp, truth, breakpoints(hist, pcfg_rp, thresholds))
+        sweeps[rp.name] = sw
+        m["oracle_operating_points"] = {f"frr<={t:g}": operating_point(sw, t) for t in frr_targets}
+        m["oracle_sweep"] = sw.replace({np.nan: None}).to_dict(orient="list")
+        m["replay_wall_s"] = sum(e.result.per_policy_wall_s.get(rp.name, 0.0) for e in evals)
+        per_policy[rp.name] = m
+    wall = sum(e.result.wall_s for e in evals)
+    simulated = sum(e.result.simulated_s for e in evals)
     summary = {
-        "dataset": {"path": str(cfg.dataset), "content_hash": ds.content_hash,
-                    "deployments": len(result.deployments), "labels": labels},
+        "dataset": {"path": [str(d.path) for _, d in datasets] if len(datasets) > 1
+                    else str(first.path),
+                    "content_hash": first.content_hash if len(datasets) == 1
+                    else [d.content_hash for _, d in datasets],
+                    "deployments": len(truth),
+                    "labels": truth["label"].value_counts().to_dict(),
+                    "corpora": {e.name: {"path": str(e.dataset.path),
+                                         "content_hash": e.dataset.content_hash,
+                                         "deployments": len(e.truth),
+                                         "labels": e.truth["label"].value_counts().to_dict()}
+                                for e in evals}},
+        "protocol": {
+            "settings_chosen_on": (
+                {"path": str(cal["dataset"]), "content_hash": cds.content_hash,
+                 "target_frr": float(cal["target_frr"])} if tuned else None),
+            "evaluation": "each corpus replayed once with its labels hidden, then scored",
+            "rolled_back_means": "first shrink or rollback",
+            "false_rollback_means": "rollbacks of healthy canaries and of faulty canaries before "
+                                    "their fault began, per canary that ran healthy for a while",
+            "intervals": f"95 % bootstrap over deployments ({int(boot['samples'])} resamples, "
+                         "within corpus and label)",
+            "oracle": "oracle_* = the threshold sweep on the evaluation corpora themselves: an "
+                      "upper bound no deployed policy can reach, never a headline",
+        },
         "model": str(cfg.model), "policy_config": OmegaConf.to_container(cfg.policy),
-        "rolled_back_means": "first shrink or rollback",
-        "replay": {"ticks": result.ticks, "wall_s": result.wall_s,
-                   "simulated_s": result.simulated_s,
-                   "speed_x_realtime": result.simulated_s / max(result.wall_s, 1e-9)},
+        "replay": {"ticks": sum(e.result.ticks for e in evals), "wall_s": wall,
+                   "simulated_s": simulated, "speed_x_realtime": simulated / max(wall, 1e-9)},
         "policies": per_policy,
     }
     out = Path(cfg.out)
     with atomic_dir(out) as tmp:
-        dec = result.outcomes.drop(columns=["decided_at_s"])
-        dec.to_parquet(tmp / "decisions.parquet", index=False)
-        pd.DataFrame([{**{k: v for k, v in r.__dict__.items() if k != "evidence"},
+        dec = pd.concat([e.result.outcomes.assign(corpus=e.name) for e in evals], ignore_index=True)
+        dec.drop(columns=["decided_at_s"]).to_parquet(tmp / "decisions.parquet", index=False)
+        pd.DataFrame([{**{k: v for k, v in r.__dict__.items() if k != "evidence"}, "corpus": e.name,
                        "reasons": list(r.reasons), "evidence": json.dumps(r.evidence, default=str)}
-                      for r in result.records]).to_parquet(tmp / "decision_log.parquet", index=False)
+                      for e in evals for r in e.result.records]
+                     ).to_parquet(tmp / "decision_log.parquet", index=False)
         atomic_write_json(tmp / "summary.json", summary)
         if rc["report"]["enabled"]:
-            _report(tmp, ds, result, policies, summary, sweeps, int(rc["report"]["incidents"]),
-                    int(rc["report"]["top_metrics"]))
+            e0 = evals[0]
+            _report(tmp, e0.dataset, replace(e0.result, deployments=e0.truth), policies, summary,
+                    sweeps, int(rc["report"]["incidents"]), int(rc["report"]["top_metrics"]))
     log.info("replay wrote %s in %.1f s", out, time.perf_counter() - t0)
     if rc.get("mlflow", True):
         _log_mlflow(cfg, out, summary)
     for name, m in per_policy.items():
-        op = m["operating_points"].get("frr<=0.01") or {}
-        print(f"{name:>16}: detection={m['detection_rate']} false_rollback="
-              f"{m['false_rollback_rate']} caught_before_impact={m['caught_before_impact']} "
-              f"lead_p50={m['lead_time_s_p50']} | @FRR≤1%: {op.get('caught_before_impact')}")
+        ci = m["ci95"]
+        print(f"{name:>18}: detection={_pm(m['detection_rate'], ci['detection_rate'])} "
+              f"false_rollback={_pm(m['false_rollback_rate'], ci['false_rollback_rate'])} "
+              f"caught_before_impact={_pm(m['caught_before_impact'], ci['caught_before_impact'])}"
+              f" lead_p50={m['lead_time_s_p50']}")
     return 0
+
+
+def _pm(v: float | None, ci: list[float] | None) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.2f}" + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
 
 
 def _report(out: Path, ds: CanonicalDataset, result: ReplayResult, policies: list[ReplayPolicy],
             summary: dict[str, Any], sweeps: dict[str, pd.DataFrame], n_incidents: int,
             top_k: int) -> None:
-    points = {n: (m["operating_points"].get("frr<=0.05") or {}) for n, m in
-              summary["policies"].items()}
-    curve = report.plot_curves(sweeps, points, out / "curve.png")
+    curve = report.plot_curves(sweeps, summary["policies"], out / "curve.png")
     deps = result.deployments
     faulty = deps[deps["label"] == "faulty"].head(n_incidents)
     pngs = []
@@ -207,6 +223,9 @@ def _eval_tags(cfg: DictConfig, summary: dict[str, Any]) -> dict[str, str]:
     """Tags that let `canaryml promote` reuse this run's numbers (canaryml.registry)."""
     from canaryml.registry import replay_eval_tags
 
+    if summary["protocol"]["settings_chosen_on"] or not isinstance(
+            summary["dataset"]["content_hash"], str):
+        return {}  # tuned settings or several corpora: not the configured operating point
     try:
         pcfg = PolicyConfig.from_mapping(cast(dict, OmegaConf.to_container(cfg.policy, resolve=True)))
         return replay_eval_tags(str(cfg.model), summary["dataset"]["content_hash"], pcfg,
@@ -223,7 +242,7 @@ def _log_mlflow(cfg: DictConfig, out: Path, summary: dict[str, Any]) -> None:
 
     conf = cast(dict, OmegaConf.to_container(cfg, resolve=True))
     with tracking.start_run(conf, experiment=str(cfg.mlflow.experiment), run_name="replay",
-                            dataset_hash=summary["dataset"]["content_hash"],
+                            dataset_hash=str(summary["dataset"]["content_hash"]),
                             uri=cfg.mlflow.tracking_uri,
                             tags={"command": "replay", **_eval_tags(cfg, summary)}):
         metrics: dict[str, float] = {"replay/speed_x_realtime": summary["replay"]["speed_x_realtime"]}
@@ -233,9 +252,9 @@ def _log_mlflow(cfg: DictConfig, out: Path, summary: dict[str, Any]) -> None:
                       "time_to_detect_s_p50"):
                 if m.get(k) is not None:
                     metrics[f"replay/{name}/{k}"] = float(m[k])
-            for t, op in m["operating_points"].items():
+            for t, op in m["oracle_operating_points"].items():
                 if op:
-                    metrics[f"replay/{name}/caught_at_{t.replace('<=', 'le')}"] = float(
+                    metrics[f"replay/{name}/oracle_caught_at_{t.replace('<=', 'le')}"] = float(
                         op["caught_before_impact"])
         mlflow.log_metrics(metrics)
         mlflow.log_artifacts(str(out), artifact_path="replay")
@@ -253,7 +272,7 @@ def _run_pointwise(cfg: DictConfig, rc: dict[str, Any]) -> int:
     if not tests:
         raise ConfigError(f"{cfg.dataset}: no `<id>.test` series; pointwise replay needs a "
                           "dataset ingested with source=smd or source=nab")
-    scorer = _load(str(cfg.model))
+    scorer = load_scorer_uri(str(cfg.model))
     if scorer is None:
         raise ConfigError("replay mode=pointwise needs a trained scorer: model=models:/… or DIR")
     pcfg = PolicyConfig.from_mapping(cast(dict, OmegaConf.to_container(cfg.policy, resolve=True)))

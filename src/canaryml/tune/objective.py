@@ -111,8 +111,8 @@ def replay_score(scorer: CanaryScorer, dataset: CanonicalDataset, deployment_ids
                  policy: PolicyConfig, *, max_frr: float = 0.01, thresholds: int = 101,
                  horizon_s: float | None = None, model_version: str = "trial") -> ReplayScore:
     """Replay `deployment_ids` through the scorer policy (the `canaryml replay` path)."""
+    from canaryml.replay.protocol import summarize
     from canaryml.replay.runner import ReplayPolicy, deployment_table, replay
-    from canaryml.tasks.replay import summarize
 
     keep = set(deployment_ids)
     deps = deployment_table(dataset)

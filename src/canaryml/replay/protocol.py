@@ -1,0 +1,443 @@
+"""The honest evaluation protocol (DESIGN §7): tune every policy on calibration data, then touch
+the evaluation corpora once.
+
+1. **Calibrate.** Every policy (scorer variants, Argo-style thresholds, the Kayenta judge) is
+   replayed on a labelled calibration corpus — training-side data, never an evaluation corpus —
+   for every configuration of its knobs (`CalibrationSpace`). Per configuration the recorded
+   score history is swept over all rollback thresholds (`sweep_first_rollback`, no rescoring) and
+   each policy keeps the configuration with the most faulty canaries caught before impact at a
+   false-rollback rate ≤ the target (ties: higher detection, lower false rollbacks, the most
+   conservative threshold). The threshold is a knob of every family: the scorer's
+   `rollback_threshold`, Argo's limits as a fraction of each metric's SLO, Kayenta's marginal
+   score.
+2. **Evaluate once.** The tuned policies replay each evaluation corpus through
+   `Controller.step` with the labels hidden (`blind`); only then are the labels read, metrics
+   computed (`metrics_from_times`), bootstrap intervals drawn over deployments, and the
+   evaluation-set threshold sweep kept as an *oracle* curve, named so.
+
+`settings` are plain JSON-able dicts per policy family; `build_policy` turns them into a
+`ReplayPolicy`, and `at_threshold` maps a swept threshold back onto the family's own knob.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from canaryml.catalog import Catalog
+from canaryml.control.kayenta import KayentaConfig
+from canaryml.control.policies import KayentaJudge, ScorerPolicy, TestCache, ThresholdJudge
+from canaryml.control.policy import PolicyConfig, RollbackPolicy
+from canaryml.data.dataset import CanonicalDataset
+from canaryml.errors import ConfigError
+from canaryml.replay.evaluate import (
+    ScoreHistory,
+    bootstrap_intervals,
+    metrics_from_times,
+    operating_point,
+    sweep_table,
+)
+from canaryml.replay.runner import ReplayPolicy, ReplayResult, deployment_table, replay
+
+log = logging.getLogger(__name__)
+SCORER_VARIANTS: dict[str, float | None] = {"scorer": None, "scorer_forecast": 1.0,
+                                            "scorer_detector": 0.0}
+JUDGES = ("argo", "kayenta")
+HEADLINE = ("detection_rate", "false_rollback_rate", "caught_before_impact",
+            "healthy_rolled_back_rate", "rolled_back_before_onset_rate",
+            "lead_time_s_p50", "time_to_detect_s_p50")
+
+
+def family(name: str, models: Mapping[str, str]) -> str:
+    if name in SCORER_VARIANTS or name in models:
+        return "scorer"
+    if name in JUDGES:
+        return name
+    raise ConfigError(f"replay.policies: unknown policy {name!r}; use "
+                      f"{', '.join([*SCORER_VARIANTS, *JUDGES])} or a key of replay.models")
+
+
+def configured_settings(name: str, models: Mapping[str, str], pcfg: PolicyConfig,
+                        rcfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A policy's settings as configured (`policy.*`, `replay.argo.*`, `replay.kayenta.*`)."""
+    fam = family(name, models)
+    if fam == "scorer":
+        return {"rollback_threshold": pcfg.rollback_threshold,
+                "consecutive_breaches": pcfg.consecutive_breaches}
+    if fam == "argo":
+        a = rcfg["argo"]
+        return {"metrics": list(a["metrics"]), "limit_fraction": float(a["limit_fraction"]),
+                "failure_limit": int(a["failure_limit"]), "measure_s": float(a["measure_s"])}
+    k = rcfg["kayenta"]
+    return {"metrics": k.get("metrics", "all"), "interval_s": float(k["interval_s"]),
+            "confidence": float(k["confidence"]), "tolerance": float(k["tolerance"]),
+            "allowed_increase": float(k.get("allowed_increase", 1.0)),
+            "allowed_decrease": float(k.get("allowed_decrease", 1.0)),
+            "pass_threshold": float(k["pass_threshold"]),
+            "marginal_threshold": float(k["marginal_threshold"]),
+            "groups": {g: float(w) for g, w in (k.get("groups") or {}).items()},
+            "data_required": bool(k.get("data_required", False)),
+            "critical": list(k.get("critical") or [])}
+
+
+def metric_set(spec: str | Sequence[str], catalog: Catalog, available: Sequence[str],
+               key: str) -> tuple[str, ...]:
+    """`all` | `app` | `infra` | `slo` (metrics with an SLO) | an explicit list, restricted to
+    the dataset's metrics."""
+    if isinstance(spec, str):
+        if spec == "all":
+            chosen = list(available)
+        elif spec in ("app", "infra"):
+            chosen = [m for m in available if str(catalog.get(m).kind) == spec]
+        elif spec == "slo":
+            chosen = [m for m in available if catalog.get(m).slo is not None]
+        else:
+            raise ConfigError(f"{key}={spec!r} is unknown; use all, app, infra, slo or a list "
+                              "of metric names")
+    else:
+        missing = [m for m in spec if m not in available]
+        if missing:
+            raise ConfigError(f"{key}: metric(s) {missing} are not in the dataset "
+                              f"({', '.join(available)}); pick from those")
+        chosen = list(spec)
+    if not chosen:
+        raise ConfigError(f"{key}={spec!r} selects no metric of the dataset "
+                          f"({', '.join(available)})")
+    return tuple(chosen)
+
+
+def load_scorer_uri(uri: str) -> Any:
+    """A trained scorer from a model URI or directory; None for `standin` (the transparent
+    z-score stand-in of tests, built per dataset)."""
+    if uri == "standin":
+        return None
+    from canaryml.tracking import load_scorer
+
+    return load_scorer(uri)
+
+
+def load_scorers(names: list[str], models: dict[str, str], model_uri: str, lookback: int | None,
+                 ds: CanonicalDataset) -> tuple[dict[str, Any], dict[str, str]]:
+    """Scorer per scorer policy (variants share one load) and its version string."""
+    scorers: dict[str, Any] = {}
+    versions: dict[str, str] = {}
+    base: Any = None
+    for name in names:
+        if name in SCORER_VARIANTS:
+            if base is None:
+                base = load_scorer_uri(model_uri)
+                if base is None:
+                    from canaryml.replay.standin import GapZScorer
+
+                    base = GapZScorer(ds.metrics, ds.catalog, lookback=int(lookback or 20))
+            mix = SCORER_VARIANTS[name]
+            scorers[name] = base if mix is None else base.with_mix(mix)
+            versions[name] = str(getattr(base, "info", {}).get("model_uri", model_uri))
+        elif name in models:
+            sc = load_scorer_uri(str(models[name]))
+            if sc is None:
+                raise ConfigError(f"replay.models.{name}: give a model URI or directory")
+            scorers[name], versions[name] = sc, str(models[name])
+    return scorers, versions
+
+
+def build_policies(names: list[str], models: dict[str, str], model_uri: str, pcfg: PolicyConfig,
+                   rcfg: dict[str, Any], ds: CanonicalDataset) -> list[ReplayPolicy]:
+    """The policies `names` (+ one per `models` entry) at their configured settings."""
+    names = [*names, *[m for m in models if m not in names]]
+    scorers, versions = load_scorers(names, models, model_uri, rcfg.get("lookback"), ds)
+    builder = PolicyBuilder(ds.catalog, tuple(ds.metrics), float(ds.step_s), pcfg, scorers,
+                            models, versions)
+    return [builder.build(n, configured_settings(n, models, pcfg, rcfg)) for n in names]
+
+
+@dataclass
+class PolicyBuilder:
+    """Builds `ReplayPolicy`s of any family for one dataset layout (catalog, metrics, step)."""
+
+    catalog: Catalog
+    metrics: tuple[str, ...]
+    step_s: float
+    pcfg: PolicyConfig
+    scorers: Mapping[str, Any]  # policy name → Scorer (variants already mixed)
+    models: Mapping[str, str] = field(default_factory=dict)
+    versions: Mapping[str, str] = field(default_factory=dict)
+    test_cache: TestCache = field(default_factory=OrderedDict)
+
+    def build(self, name: str, settings: Mapping[str, Any], *, as_name: str | None = None
+              ) -> ReplayPolicy:
+        """The policy `name` (its family's scorer or judge) with `settings`, reported as
+        `as_name` (default: `name`)."""
+        fam = family(name, self.models)
+        s = dict(settings)
+        label = as_name or name
+        if fam == "scorer":
+            sc = self.scorers[name]
+            cfg = replace(self.pcfg, rollback_threshold=float(s["rollback_threshold"]),
+                          consecutive_breaches=int(s["consecutive_breaches"]))
+            return ReplayPolicy(ScorerPolicy(label, sc, RollbackPolicy(cfg),
+                                             self.versions.get(name)), sc)
+        if fam == "argo":
+            frac = float(s["limit_fraction"])
+            if frac <= 0:
+                raise ConfigError(f"replay.argo.limit_fraction={frac} must be > 0")
+            limits = {}
+            for m in metric_set(s["metrics"], self.catalog, self.metrics, "replay.argo.metrics"):
+                slo = self.catalog.get(m).slo
+                if slo is None:
+                    raise ConfigError(f"replay.argo.metrics: {m!r} has no SLO in the metric "
+                                      "catalog, so its limit (limit_fraction × SLO) is undefined;"
+                                      " give it an `slo` in conf/metrics or drop it")
+                limits[m] = frac * float(slo)
+            return ReplayPolicy(ThresholdJudge(limits, int(s["failure_limit"]),
+                                               float(s["measure_s"]), self.pcfg, name=label,
+                                               step_s=self.step_s))
+        kc = KayentaConfig(confidence=float(s["confidence"]), tolerance=float(s["tolerance"]),
+                           pass_threshold=float(s["pass_threshold"]),
+                           marginal_threshold=float(s["marginal_threshold"]),
+                           group_weights=dict(s["groups"]),
+                           allowed_increase=float(s["allowed_increase"]),
+                           allowed_decrease=float(s["allowed_decrease"]),
+                           data_required=bool(s["data_required"]),
+                           critical=tuple(s["critical"]))
+        judged = metric_set(s["metrics"], self.catalog, self.metrics, "replay.kayenta.metrics")
+        return ReplayPolicy(KayentaJudge(self.catalog, kc, float(s["interval_s"]), self.pcfg,
+                                         name=label, step_s=self.step_s, metrics=judged,
+                                         test_cache=self.test_cache))
+
+
+def at_threshold(fam: str, settings: Mapping[str, Any], threshold: float,
+                 consecutive: int) -> dict[str, Any]:
+    """`settings` moved to the swept `threshold` (and `consecutive` breaches where the family
+    has that knob), expressed in the family's own terms."""
+    s = dict(settings)
+    if fam == "scorer":
+        s |= {"rollback_threshold": float(threshold), "consecutive_breaches": int(consecutive)}
+    elif fam == "argo":  # score = max(value / limit) / 2, breach when > 0.5
+        s |= {"limit_fraction": float(s["limit_fraction"]) * 2.0 * float(threshold),
+              "failure_limit": int(consecutive)}
+    else:  # score = 1 − kayenta/100, breach when ≥ 1 − marginal/100; pass keeps its distance
+        marginal = 100.0 * (1.0 - float(threshold))
+        gap = float(s["pass_threshold"]) - float(s["marginal_threshold"])
+        s |= {"marginal_threshold": marginal, "pass_threshold": min(100.0, marginal + gap)}
+    return s
+
+
+@dataclass(frozen=True)
+class CalibrationSpace:
+    """The knobs tuned per family besides the threshold (conf/replay `calibration.*`)."""
+
+    consecutive_breaches: tuple[int, ...] = (1, 2, 3)
+    argo_measure_s: tuple[float, ...] = (30.0, 60.0, 120.0)
+    argo_metrics: tuple[Any, ...] = ("slo",)
+    kayenta_interval_s: tuple[float, ...] = (120.0, 300.0)
+    kayenta_effect_size: tuple[float, ...] = (1.0, 1.1, 1.25, 1.5, 2.0)
+    kayenta_metrics: tuple[Any, ...] = ("all", "app", "slo")
+
+    @classmethod
+    def from_mapping(cls, c: Mapping[str, Any]) -> CalibrationSpace:
+        a, k = dict(c.get("argo") or {}), dict(c.get("kayenta") or {})
+        return cls(consecutive_breaches=tuple(int(x) for x in c["consecutive_breaches"]),
+                   argo_measure_s=tuple(float(x) for x in a["measure_s"]),
+                   argo_metrics=tuple(a["metrics"]),
+                   kayenta_interval_s=tuple(float(x) for x in k["interval_s"]),
+                   kayenta_effect_size=tuple(float(x) for x in k["effect_size"]),
+                   kayenta_metrics=tuple(k["metrics"]))
+
+    def structural(self, fam: str, base: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Configurations that need a replay of their own (the rest is swept)."""
+        if fam == "scorer":
+            return [dict(base)]
+        if fam == "argo":
+            return [dict(base) | {"measure_s": ms, "metrics": m, "limit_fraction": 1.0}
+                    for ms, m in itertools.product(self.argo_measure_s, self.argo_metrics)]
+        return [dict(base) | {"interval_s": iv, "allowed_increase": e, "allowed_decrease": 1.0 / e,
+                              "metrics": m}
+                for iv, e, m in itertools.product(self.kayenta_interval_s,
+                                                   self.kayenta_effect_size, self.kayenta_metrics)]
+
+    def consecutive(self, fam: str) -> tuple[int, ...]:
+        # Kayenta holds one score per interval between its evaluations: consecutive *ticks*
+        # over its threshold are the same interval, so it acts on the first failing interval.
+        return (1,) if fam == "kayenta" else self.consecutive_breaches
+
+
+def _sweep_config(rp: ReplayPolicy, consecutive: int) -> PolicyConfig:
+    return replace(rp.policy.rollback.config, consecutive_breaches=int(consecutive))
+
+
+def breakpoints(history: ScoreHistory, cfg: PolicyConfig, grid: np.ndarray) -> np.ndarray:
+    """The grid plus, per deployment, the highest threshold that still rolls it back (the max
+    over ticks of the min of `consecutive_breaches` scores in a row): the sweep then resolves
+    every change of the curve, also where calibrated scores crowd near 1."""
+    s = np.where(np.isfinite(history.scores), history.scores, -np.inf)
+    c = max(1, int(cfg.consecutive_breaches))
+    run = s.copy()
+    for k in range(1, c):
+        run[:, k:] = np.minimum(run[:, k:], s[:, :-k])
+        run[:, :k] = -np.inf
+    peaks = run.max(axis=1)
+    return np.unique(np.concatenate([grid, peaks[np.isfinite(peaks) & (peaks >= 0)]]))
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """A policy's training-chosen configuration and what it scored on the calibration corpus."""
+
+    name: str
+    settings: dict[str, Any]
+    calibration: dict[str, Any]
+    configurations: int  # (structural configuration, consecutive, threshold) triples compared
+
+
+def _better(a: Mapping[str, Any], b: Mapping[str, Any] | None) -> bool:
+    if b is None:
+        return True
+    def key(m: Mapping[str, Any]) -> tuple[float, float, float]:
+        return (m.get("caught_before_impact") or 0.0, m.get("detection_rate") or 0.0,
+                -(m.get("false_rollback_rate") or 0.0))
+
+    return key(a) > key(b)
+
+
+def calibrate(ds: CanonicalDataset, names: Sequence[str], base: Mapping[str, dict[str, Any]],
+              builder: PolicyBuilder, space: CalibrationSpace, target_frr: float,
+              thresholds: np.ndarray, *, horizon_s: float | None = None,
+              progress: bool = True) -> dict[str, Tuned]:
+    """Choose every policy's settings on the labelled calibration corpus `ds` (step 1)."""
+    deps = deployment_table(ds)
+    candidates: list[tuple[str, dict[str, Any], ReplayPolicy]] = []
+    for name in names:
+        fam = family(name, builder.models)
+        for i, s in enumerate(space.structural(fam, base[name])):
+            rp = builder.build(name, s, as_name=f"{name}#{i}")
+            candidates.append((name, s, rp))
+    log.info("calibration: %d configurations of %d policies on %d deployments", len(candidates),
+             len(names), len(deps))
+    result = replay(ds, [rp for _, _, rp in candidates], interval_s=builder.pcfg.monitoring_interval_s,
+                    deployments=deps, horizon_s=horizon_s, progress=progress, decide=False)
+    best: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    tried: dict[str, int] = dict.fromkeys(names, 0)
+    for name, s, rp in candidates:
+        fam = family(name, builder.models)
+        hist = result.histories[rp.name]
+        for c in space.consecutive(fam):
+            cfg = _sweep_config(rp, c)
+            grid = breakpoints(hist, cfg, thresholds)
+            sw = sweep_table(hist, cfg, deps, grid)
+            tried[name] += len(grid)
+            op = operating_point(sw, target_frr)
+            if op is None:
+                continue
+            if _better(op, best.get(name, (None, None))[1]):
+                best[name] = (at_threshold(fam, s, float(op["threshold"]), c), op)
+    out = {}
+    for name in names:
+        if name not in best:
+            raise ConfigError(f"calibration: no configuration of {name!r} reaches a false-rollback"
+                              f" rate ≤ {target_frr:g} on the calibration corpus ({ds.path}); "
+                              "raise replay.calibration.target_frr or check the corpus labels")
+        settings, op = best[name]
+        out[name] = Tuned(name, settings, {k: op.get(k) for k in op if k != "threshold"}
+                          | {"swept_threshold": op.get("threshold")}, tried[name])
+    return out
+
+
+def blind(deps: pd.DataFrame) -> pd.DataFrame:
+    """The deployment table with every label removed: what the evaluation replay may see."""
+    return deps.assign(label="unknown", fault_kind="", fault_onset_s=np.nan, impact_at_s=np.nan)
+
+
+def first_rollback(result: ReplayResult, policy: str) -> np.ndarray:
+    """Time of each deployment's first SHRINK/ROLLBACK (NaN = none), in result.deployments order."""
+    o = result.outcomes[result.outcomes["policy"] == policy].set_index("deployment_id")
+    o = o.loc[result.deployments["deployment_id"]]
+    return np.where(o["rolled_back"].to_numpy(bool), o["decided_at_s"].to_numpy(float), np.nan)
+
+
+def summarize(result: ReplayResult, policies: Sequence[ReplayPolicy], thresholds: np.ndarray,
+              frr_targets: Sequence[float], truth: pd.DataFrame | None = None
+              ) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
+    """Per policy: DESIGN §7 metrics at the policy's own settings, and the threshold sweep of its
+    recorded score history on this corpus (labels from `truth`, default the result's own table;
+    the sweep's operating points are chosen on this same corpus: training-side use only)."""
+    truth = result.deployments if truth is None else truth
+    summary: dict[str, Any] = {}
+    sweeps: dict[str, pd.DataFrame] = {}
+    for rp in policies:
+        m = metrics_from_times(first_rollback(result, rp.name), truth)
+        cfg = rp.policy.rollback.config
+        hist = result.histories[rp.name]
+        sw = sweep_table(hist, cfg, truth, breakpoints(hist, cfg, thresholds))
+        sweeps[rp.name] = sw
+        o = result.outcomes[result.outcomes["policy"] == rp.name]
+        m["promoted"] = int((o["final_action"] == "promote").sum())
+        m["paused_ticks"] = int(o["paused_ticks"].sum())
+        m["operating_points"] = {f"frr<={t:g}": operating_point(sw, t) for t in frr_targets}
+        m["sweep"] = sw.replace({np.nan: None}).to_dict(orient="list")
+        m["replay_wall_s"] = result.per_policy_wall_s.get(rp.name)
+        summary[rp.name] = m
+    return summary, sweeps
+
+
+@dataclass
+class Evaluation:
+    """One evaluation corpus replayed blind, with its labels read afterwards."""
+
+    name: str
+    dataset: CanonicalDataset
+    result: ReplayResult
+    truth: pd.DataFrame
+
+
+def evaluate_blind(datasets: Sequence[tuple[str, CanonicalDataset]],
+                   make_policies: Callable[[CanonicalDataset], list[ReplayPolicy]],
+                   interval_s: float, *, horizon_s: float | None = None,
+                   progress: bool = True) -> list[Evaluation]:
+    """Step 2: replay every evaluation corpus with its labels hidden; read the labels after the
+    last replay (the only place this module reads evaluation labels)."""
+    runs = []
+    for name, ds in datasets:
+        truth_free = blind(deployment_table(ds))
+        policies = make_policies(ds)
+        runs.append((name, ds, replay(ds, policies, interval_s=interval_s, deployments=truth_free,
+                                      horizon_s=horizon_s, progress=progress)))
+    return [Evaluation(name, ds, res, deployment_table(ds)) for name, ds, res in runs]
+
+
+def pooled_metrics(evals: Sequence[Evaluation], policy: str, *, n_boot: int, seed: int
+                   ) -> dict[str, Any]:
+    """Metrics over all evaluation corpora together, 95 % bootstrap intervals (deployments
+    resampled within each corpus and label), per-corpus values and their mean."""
+    decided = np.concatenate([first_rollback(e.result, policy) for e in evals])
+    truth = pd.concat([e.truth.assign(corpus=e.name) for e in evals], ignore_index=True)
+    out = metrics_from_times(decided, truth)
+    out["ci95"] = bootstrap_intervals(decided, truth, HEADLINE, n_boot=n_boot, seed=seed,
+                                      strata=truth["corpus"].astype(str) + "/" + truth["label"])
+    per = {e.name: metrics_from_times(first_rollback(e.result, policy), e.truth) for e in evals}
+    out["per_corpus"] = per
+    out["mean_over_corpora"] = {k: (float(np.mean([p[k] for p in per.values()]))
+                                    if all(p.get(k) is not None for p in per.values()) else None)
+                                for k in HEADLINE}
+    return out
+
+
+def per_fault_kind(evals: Sequence[Evaluation], policy: str) -> dict[str, dict[str, Any]]:
+    """Detection, caught before impact and time from onset to rollback per fault kind."""
+    decided = np.concatenate([first_rollback(e.result, policy) for e in evals])
+    truth = pd.concat([e.truth for e in evals], ignore_index=True)
+    out = {}
+    kinds = truth.loc[truth["label"] == "faulty", "fault_kind"].astype(str)
+    for kind in sorted(set(kinds)):
+        keep = ((truth["label"] == "healthy") | (truth["fault_kind"].astype(str) == kind)).to_numpy()
+        m = metrics_from_times(decided[keep], truth[keep].reset_index(drop=True))
+        out[kind] = {k: m[k] for k in ("n_faulty", "detection_rate", "caught_before_impact",
+                                       "time_to_detect_s_p50", "lead_time_s_p50")}
+    return out
