@@ -35,8 +35,8 @@ import pyarrow.csv as pacsv
 from tqdm.auto import tqdm
 
 from canaryml.catalog import Catalog
-from canaryml.data.atomic import atomic_dir, atomic_write_json
-from canaryml.data.contract import read_bundle
+from canaryml.data.atomic import atomic_dir, atomic_write_json, holds_only
+from canaryml.data.contract import BUNDLE_TABLES, read_bundle
 from canaryml.data.dataset import write_canonical
 from canaryml.errors import ConfigError
 
@@ -77,7 +77,9 @@ def generate_bundle(out: Path, n_samples: int, seed: int = 0) -> dict[str, Any]:
     })
     per_dep = steps * 2 * len(metrics)
     total = 0
-    with atomic_dir(out) as tmp:
+    # the cache folder: an earlier (maybe partial) generated bundle and its meta.json
+    with atomic_dir(out, owns=holds_only(*BUNDLE_TABLES, "meta.json"),
+                    kind="benchmark bundle") as tmp:
         deployments.to_csv(tmp / "deployments.csv", index=False)
         opts = pacsv.WriteOptions(include_header=True, quoting_style="none")
         with pacsv.CSVWriter(tmp / "samples.csv", _SCHEMA, write_options=opts) as writer:

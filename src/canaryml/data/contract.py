@@ -24,7 +24,7 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from canaryml.data.atomic import atomic_dir
+from canaryml.data.atomic import atomic_dir, holds_only
 from canaryml.errors import DataContractError
 
 log = logging.getLogger(__name__)
@@ -613,14 +613,21 @@ def read_bundle(folder: str | Path) -> Bundle:
     return Bundle(deployments, samples, str(folder), dups, unsorted, codes)
 
 
+BUNDLE_TABLES = ("deployments.parquet", "deployments.csv", "samples.parquet", "samples.csv")
+# an existing folder a bundle writer may replace: it holds a bundle's two tables and nothing else
+OWNS_BUNDLE = holds_only(*BUNDLE_TABLES, required=("deployments.parquet", "deployments.csv"))
+
+
 def write_bundle(deployments: pd.DataFrame, samples: pd.DataFrame | pa.Table, out: str | Path,
                  fmt: str = "parquet") -> Path:
-    """Write a bundle atomically as Parquet or CSV (what `simulate` and tests produce)."""
+    """Write a bundle atomically as Parquet or CSV (what `simulate` and tests produce).
+
+    `out` must be new, empty or an earlier bundle (only its tables): `OutputDirError` else."""
     if fmt not in ("parquet", "csv"):
         raise DataContractError(f"bundle format {fmt!r} is not parquet|csv")
     dep_t = table_from_pandas(deployments)
     smp_t = samples if isinstance(samples, pa.Table) else table_from_pandas(samples)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, owns=OWNS_BUNDLE, kind="telemetry bundle") as tmp:
         if fmt == "parquet":
             pq.write_table(dep_t, tmp / "deployments.parquet")
             pq.write_table(smp_t, tmp / "samples.parquet", compression="zstd")

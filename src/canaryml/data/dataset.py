@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from canaryml.catalog import Catalog
-from canaryml.data.atomic import atomic_dir, atomic_write_json
+from canaryml.data.atomic import atomic_dir, atomic_write_json, json_marker
 from canaryml.data.contract import (
     GROUPS,
     TS,
@@ -46,6 +46,9 @@ from canaryml.errors import DataContractError
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+# an existing folder ingest may replace: it holds a canonical dataset's manifest (DESIGN §2.3)
+OWNS_DATASET = json_marker(MANIFEST, "schema_version", "content_hash", "counts")
 GROUP_CODES = {g: i for i, g in enumerate(GROUPS)}  # baseline=0, canary=1
 
 
@@ -198,7 +201,9 @@ def write_canonical(
             parts.append(pa.table(cols))
         return pa.concat_tables(parts) if parts else None
 
-    with atomic_dir(out) as tmp:
+    source_dir = Path(bundle.source) if Path(bundle.source).is_dir() else None
+    with atomic_dir(out, marker=MANIFEST, owns=OWNS_DATASET, inputs=[source_dir],
+                    kind="canonical dataset") as tmp:
         pq.write_table(table_from_pandas(deps),
                        tmp / "deployments.parquet")
 

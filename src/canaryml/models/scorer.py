@@ -38,7 +38,7 @@ import torch
 
 from canaryml.catalog import Catalog, Direction, MetricKind
 from canaryml.control.types import ScoreResult, Window
-from canaryml.data.atomic import atomic_dir, atomic_write_json
+from canaryml.data.atomic import atomic_dir, atomic_write_json, json_marker
 from canaryml.data.dataset import DeploymentArrays
 from canaryml.errors import ModelLoadError, ScoringError
 from canaryml.models.detectors import IsolationForestDetector, JointForest, ResidualDetector
@@ -492,11 +492,14 @@ class CanaryScorer:
     # ---- persistence -----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the bundle to one directory atomically (scorer.json, state.npz, network.pt,
-        detectors.joblib)."""
+        detectors.joblib). `path` must be new, empty or an earlier scorer bundle (it is
+        replaced as a whole): `OutputDirError` else."""
         import joblib
 
         path = Path(path)
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, marker="scorer.json",
+                        owns=json_marker("scorer.json", "format_version", "spec"),
+                        what="scorer_out", kind="scorer bundle") as tmp:
             atomic_write_json(tmp / "scorer.json", {
                 "format_version": FORMAT_VERSION, "spec": asdict(self.spec),
                 "weights": asdict(self.weights), "catalog": self.catalog.to_mapping(),

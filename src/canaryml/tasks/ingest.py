@@ -9,6 +9,8 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 
 from canaryml.catalog import Catalog
+from canaryml.data.atomic import check_output_dir
+from canaryml.data.dataset import MANIFEST, OWNS_DATASET
 from canaryml.errors import ConfigError
 from canaryml.ingest import SOURCES, Ingested, write_ingested
 from canaryml.paths import repo_root
@@ -58,11 +60,14 @@ def run(cfg: DictConfig) -> int:
     source = str(cfg.source)
     icfg = cast(dict[str, Any], OmegaConf.to_container(cfg.ingest, resolve=True))
     input_dir = _resolve(cfg.input)
-    ingested = read_source(source, input_dir, icfg)
     out = _resolve(cfg.out)
     if out is None:  # data/processed/<input folder name>; smd/nab defaults and prometheus
         name = input_dir.name if input_dir is not None and source != "prometheus" else source
         out = repo_root() / "data" / "processed" / name
+    # before reading: never replace the input or a folder that is not a canonical dataset
+    check_output_dir(out, marker=MANIFEST, owns=OWNS_DATASET, inputs=[input_dir],
+                     kind="canonical dataset")
+    ingested = read_source(source, input_dir, icfg)
     catalog = Catalog.from_mapping(cast(dict[str, Any], OmegaConf.to_container(cfg.metrics)),
                                    source="conf/metrics")
     step = icfg.get("step_s")
