@@ -73,3 +73,24 @@ def test_replay_cli_calibrates_on_one_corpus_and_evaluates_several(tmp_path: Pat
     assert summary["policies"]["kayenta"]["settings"]["allowed_increase"] in (1.0, 1.25)
     dec = pd.read_parquet(out / "decisions.parquet")
     assert set(dec["corpus"]) == {"ev0", "ev1"} and len(dec) == 3 * 12
+
+
+def test_replay_writes_beside_a_readme_and_refuses_a_foreign_folder(tmp_path: Path) -> None:
+    import pytest
+
+    from canaryml.data.atomic import OutputDirError
+
+    ds = make_corpus(tmp_path / "ds", n=4, steps=120, seed=1)
+    out = tmp_path / "exp"
+    out.mkdir()
+    args = [f"dataset={ds}", "model=standin", "replay.policies=[scorer]", "replay.mlflow=false",
+            "replay.report.enabled=false", "replay.bootstrap.samples=10"]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputDirError, match="notes.txt"):
+        task.run(compose("replay", [*args, f"out={out}"]))
+    (out / "notes.txt").unlink()
+    assert task.run(compose("replay", [*args, f"out={out}"])) == 0
+    (out / "README.md").write_text("how this was made")
+    assert task.run(compose("replay", [*args, f"out={out}"])) == 0  # a second run beside it
+    assert (out / "README.md").read_text() == "how this was made"
+    assert (out / "summary.json").is_file() and (out / "decisions.parquet").is_file()

@@ -14,7 +14,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from canaryml.control.policy import PolicyConfig
-from canaryml.data.atomic import atomic_dir, atomic_write_json
+from canaryml.data.atomic import atomic_outputs, atomic_write_json, json_marker
 from canaryml.data.dataset import CanonicalDataset
 from canaryml.errors import ConfigError
 from canaryml.replay import report
@@ -157,7 +157,7 @@ def run(cfg: DictConfig) -> int:
         "policies": per_policy,
     }
     out = Path(cfg.out)
-    with atomic_dir(out) as tmp:
+    with _outputs(out, [*(d.path for _, d in datasets), cal.get("dataset")]) as tmp:
         dec = pd.concat([e.result.outcomes.assign(corpus=e.name) for e in evals], ignore_index=True)
         dec.drop(columns=["decided_at_s"]).to_parquet(tmp / "decisions.parquet", index=False)
         pd.DataFrame([{**{k: v for k, v in r.__dict__.items() if k != "evidence"}, "corpus": e.name,
@@ -179,6 +179,13 @@ def run(cfg: DictConfig) -> int:
               f"caught_before_impact={_pm(m['caught_before_impact'], ci['caught_before_impact'])}"
               f" lead_p50={m['lead_time_s_p50']}")
     return 0
+
+
+def _outputs(out: Path, inputs: list[Any]) -> Any:
+    """Replay's files go beside whatever else `out` holds (a README, notes): only its own
+    outputs are replaced, summary.json last; a folder it did not write is refused."""
+    return atomic_outputs(out, marker="summary.json", owns=json_marker("summary.json", "dataset"),
+                          inputs=inputs, replaces=("incident_*.png",), kind="replay output")
 
 
 def _pm(v: float | None, ci: list[float] | None) -> str:
@@ -299,7 +306,7 @@ def _run_pointwise(cfg: DictConfig, rc: dict[str, Any]) -> int:
     table = pd.DataFrame(rows)
     means = table.drop(columns=["series"]).groupby("method").mean().to_dict(orient="index")
     out = Path(cfg.out)
-    with atomic_dir(out) as tmp:
+    with _outputs(out, [ds.path]) as tmp:
         table.to_csv(tmp / "pointwise.csv", index=False)
         atomic_write_json(tmp / "summary.json", {
             "dataset": {"path": str(cfg.dataset), "content_hash": ds.content_hash,
