@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from canaryml import tracking
 from canaryml.cli import compose
 from canaryml.control.policy import PolicyConfig
-from canaryml.control.types import Action
+from canaryml.control.types import Action, Decision
 from canaryml.data.dataset import DeploymentArrays
 from canaryml.replay.sim import ReplaySource
 from canaryml.serving.actuators import DeploymentActuator, DeploymentTarget, DryRunActuator
@@ -341,6 +341,79 @@ def test_broker_restart_pauses_then_recovers_without_losing_a_decision(
     assert [e.id for e in entries] == [e.id for e in returned]  # every tick's decision is logged
     assert all(e.applied for e in entries)
     assert not any(e.action in (Action.ROLLBACK, Action.SHRINK) for e in entries)
+
+
+def test_an_event_for_a_deployment_without_target_is_skipped_never_fatal(
+        mlflow_uri: str, tmp_path: Path, tiny_scorer_dir: Path, kube: KubeHarness) -> None:  # noqa: F811
+    """Issue 16 #3: a Kafka event for a deployment the actuator has no target for used to end
+    the process (ConfigError out of the loop), and resume() re-applied the pending entry at
+    every start: a crash loop. Now the action is logged, counted, marked skipped, and never
+    re-applied; the known deployment is still decided and acted on."""
+    from confluent_kafka import Producer
+
+    from canaryml.serving.kafka import KafkaSource
+    from tests.harness.kafka import TansuBroker
+    from tests.integration.test_kafka_source import FAST, TOPIC
+
+    broker = TansuBroker(tmp_path / "tansu")
+    broker.start()
+    serve = serve_cfg(tmp_path, f"serve.model={tiny_scorer_dir}")
+    serve["deployments"] = []  # pure Kafka mode: every deployment seen on owned partitions
+
+    def source() -> KafkaSource:
+        return KafkaSource(broker.bootstrap, TOPIC, "ctl", list(levels()), step_s=1,
+                           buffer_steps=120, poll_timeout_s=0.2, config=FAST)
+
+    try:
+        broker.create_topic(TOPIC, 1)
+        p = Producer({"bootstrap.servers": broker.bootstrap})
+        now = time.time()
+        for dep in ("web", "ghost"):  # ghost: no actuator target anywhere
+            for k in range(3):
+                for group in ("canary", "baseline"):
+                    for metric, level in levels().items():
+                        p.produce(TOPIC, key=dep, value=json.dumps({
+                            "deployment_id": dep, "group": group, "metric": metric,
+                            "value": level, "timestamp": now - k}))
+        assert p.flush(10) == 0
+        svc = serve_task.build(serve, POLICY, source=source(), actuator=deployment_actuator(kube))
+        try:
+            svc.loop.resume()
+
+            def both_decided() -> bool:
+                svc.tick()
+                return all(any(e.score is not None for e in svc.loop.log.entries(d))
+                           for d in ("web", "ghost"))
+            until(both_decided, 60, "scored decisions for web and ghost", every_s=0.2)
+            ghost = svc.loop.log.entries("ghost")
+            assert all(e.skipped and not e.applied for e in ghost)
+            assert "'ghost' has no Kubernetes target" in (ghost[0].error or "")
+            assert all(e.applied for e in svc.loop.log.entries("web"))
+            assert svc.loop.log.pending() == []  # nothing for resume() to re-apply
+            assert svc.loop.metrics.registry.get_sample_value(
+                "canaryml_skipped_actions_total", {"reason": "unknown_target"}) == len(ghost)
+            assert svc.loop.health.snapshot()["status"] == "ok"
+            assert svc.server is not None
+            assert 'canaryml_skipped_actions_total{reason="unknown_target"}' in requests.get(
+                f"{svc.server.url}/metrics", timeout=5).text
+        finally:
+            svc.close()
+        # a log written by an older controller: a pending rollback for ghost. The next start
+        # must skip it, not crash on it every time.
+        with DecisionLog(tmp_path / "decisions.sqlite") as log:
+            stale = log.record("ghost", 10_000, Decision(Action.ROLLBACK, "old", 0.99))
+        svc2 = serve_task.build(serve, POLICY, source=source(),
+                                actuator=deployment_actuator(kube), http=False)
+        try:
+            assert svc2.run(max_ticks=1) == 1
+        finally:
+            svc2.close()
+        with DecisionLog(tmp_path / "decisions.sqlite") as log:
+            (again,) = [e for e in log.entries("ghost") if e.id == stale.id]
+            assert again.skipped and log.pending() == []
+    finally:
+        broker.stop()
+    assert replicas(kube, "web") == (3, 7) and replicas(kube, "api") == (3, 7)
 
 
 def test_sigterm_finishes_the_tick_and_exits_cleanly(tmp_path: Path, tiny_scorer_dir: Path) -> None:  # noqa: F811

@@ -151,3 +151,27 @@ def test_unapplied_action_is_retried_with_backoff_and_blocks_only_its_deployment
     assert a.applied and a.error is None
     assert metrics.registry.get_sample_value("canaryml_errors_total", {"kind": "actuator"}) == 3
     loop.log.close()
+
+
+def test_an_actuator_bug_is_retried_not_fatal(tmp_path: Path) -> None:
+    """Issue 16 #3: any exception out of an actuator is a failed apply (retried), never a crash."""
+
+    class Buggy:
+        def __init__(self) -> None:
+            self.fail = True
+
+        def apply(self, deployment_id: str, decision: Decision, step: int) -> None:
+            if self.fail:
+                raise KeyError("spec")
+
+    actuator, health = Buggy(), Health()
+    loop = ServeLoop(Scripted([Decision(Action.SHRINK, "score 0.9", 0.9),
+                               Decision(Action.CONTINUE, "score 0.2", 0.2)]), actuator,
+                     DecisionLog(tmp_path / "d.sqlite"), health=health, retry_backoff_s=0)
+    (entry,) = loop.tick(["d1"])
+    assert not entry.applied and "KeyError" in health.snapshot()["reasons"]["actuator"]
+    actuator.fail = False
+    (after,) = loop.tick(["d1"])  # the retry lands first, then d1 is decided again
+    assert after.step == 1 and loop.log.entries("d1")[0].applied
+    assert loop.log.pending() == [] and health.snapshot()["status"] == "ok"
+    loop.log.close()

@@ -31,6 +31,12 @@ MERGE_PATCH = "application/merge-patch+json"
 RETRYABLE = {409, 429, 500, 502, 503, 504}
 
 
+class UnknownTargetError(ConfigError):
+    """The actuator has no target (Deployment, Rollout) for this deployment id — e.g. a Kafka
+    event for a deployment missing from `serve.deployments`. The serve loop logs, counts and
+    skips such an action; it is never retried and never stops the controller."""
+
+
 def default_actor() -> str:
     return f"canaryml@{socket.gethostname()}"
 
@@ -160,8 +166,10 @@ class DeploymentActuator(_KubeBase):
         try:
             return self.targets[deployment_id]
         except KeyError:
-            raise ConfigError(f"deployment {deployment_id!r} has no Kubernetes target; add it to "
-                              "serve.deployments with namespace, canary and stable") from None
+            raise UnknownTargetError(
+                f"deployment {deployment_id!r} has no Kubernetes target; add it to "
+                "serve.deployments with namespace, canary and stable (or label its canary for "
+                "serve.discover)") from None
 
     def _read(self, ns: str, name: str) -> dict[str, Any]:
         # raw JSON: no client-side model validation of fields we neither read nor write
@@ -262,8 +270,10 @@ class ArgoRolloutActuator(_KubeBase):
         try:
             t = self.targets[deployment_id]
         except KeyError:
-            raise ConfigError(f"deployment {deployment_id!r} has no Rollout target; add it to "
-                              "serve.deployments with namespace and rollout") from None
+            raise UnknownTargetError(
+                f"deployment {deployment_id!r} has no Rollout target; add it to "
+                "serve.deployments with namespace and rollout (or label the Rollout for "
+                "serve.discover)") from None
         if decision.action is Action.CONTINUE:
             return AppliedAction(deployment_id, step, decision.action, ())
         return self._with_retries(f"{decision.action} of Rollout {t.namespace}/{t.name}",

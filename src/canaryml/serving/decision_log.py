@@ -4,7 +4,8 @@ Write order, so that a crash never acts twice and never loses an entry:
 
 1. `record()` the decision (intent) and commit it to disk — before anything is acted on;
 2. the actuator applies it (idempotent per (deployment, step, action): a retry is a no-op);
-3. `mark_applied()` (or `mark_failed()`).
+3. `mark_applied()` (or `mark_failed()`; or `mark_skipped()` for an action that can never be
+   applied, e.g. no actuator target: it is not pending and never re-applied).
 
 After a crash between 1 and 3, `pending()` lists the intents that were never marked; the
 controller re-applies them, which the actuators' idempotency turns into a no-op when the first
@@ -73,6 +74,7 @@ class LogEntry:
     applied: bool = False
     applied_at: float | None = None
     error: str | None = None
+    skipped: bool = False  # never applied on purpose (the reason is in `error`)
 
     @property
     def decision(self) -> Decision:
@@ -176,6 +178,11 @@ class DecisionLog:
             db.execute("UPDATE decisions SET applied=1, applied_at=?, error=NULL WHERE id=?",
                        (time.time(), entry_id))
 
+    def mark_skipped(self, entry_id: int, reason: str) -> None:
+        """The action will never be applied (stored as applied=-1: not pending, not applied)."""
+        with self._tx() as db:
+            db.execute("UPDATE decisions SET applied=-1, error=? WHERE id=?", (reason, entry_id))
+
     def mark_failed(self, entry_id: int, error: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE decisions SET applied=0, error=? WHERE id=?", (error, entry_id))
@@ -227,5 +234,5 @@ class DecisionLog:
         return LogEntry(id=int(id_), deployment_id=dep, policy=policy, step=int(step),
                         decided_at=float(decided_at), action=Action(action), score=score,
                         reasons=tuple(json.loads(reasons)), evidence=json.loads(evidence),
-                        model_version=model_version, applied=bool(applied), applied_at=applied_at,
-                        error=error)
+                        model_version=model_version, applied=applied == 1,
+                        applied_at=applied_at, error=error, skipped=applied == -1)

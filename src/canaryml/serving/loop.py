@@ -18,7 +18,13 @@ a deployment has an unapplied action the loop makes no new decision for it (acti
 order they were decided; a rollback is never overtaken by a later "continue"), and `/healthz`
 reports the `actuator` component degraded, naming every unapplied action; another deployment's
 successful action does not clear it. A restart re-applies unapplied entries from the log
-(`resume`) and keeps retrying the ones that still fail.
+(`resume`) and keeps retrying the ones that still fail. Any other exception an actuator raises
+is treated like an `ActuatorError` (logged with its traceback, retried): never fatal.
+
+An action for a deployment the actuator has no target for (`UnknownTargetError`, e.g. a Kafka
+event for a deployment missing from `serve.deployments`) is logged (a warning once per
+deployment), counted in `canaryml_skipped_actions_total{reason="unknown_target"}`, marked
+skipped in the decision log and never retried or re-applied: it must not stop the controller.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from canaryml.control.types import Action, Actuator, Decision
 from canaryml.errors import ActuatorError, ConfigError, ScoringError, SourceError
+from canaryml.serving.actuators import UnknownTargetError
 from canaryml.serving.decision_log import DecisionLog, LogEntry
 from canaryml.serving.server import Health, ServeMetrics
 
@@ -89,6 +96,7 @@ class ServeLoop:
         self.retry_backoff_s = float(retry_backoff_s)
         self.retry_backoff_max_s = float(retry_backoff_max_s)
         self.retry_clock = retry_clock
+        self._warned_targets: set[str] = set()
 
     def resume(self) -> None:
         """Restore per-deployment state from the log and re-apply intents never applied (in
@@ -159,7 +167,25 @@ class ServeLoop:
         dep = entry.deployment_id
         try:
             self.actuator.apply(dep, entry.decision, entry.step)
-        except ActuatorError as exc:
+        except UnknownTargetError as exc:
+            self.metrics.skipped("unknown_target")
+            self.log.mark_skipped(entry.id, f"skipped: {exc}")
+            level = logging.DEBUG if dep in self._warned_targets else logging.WARNING
+            self._warned_targets.add(dep)  # a stray Kafka key must not flood the log
+            log.log(level, "deployment=%s step=%d action=%s skipped: %s", dep, entry.step,
+                    entry.action, exc)
+            if self.unapplied.get(dep) is not None and self.unapplied[dep].entry.id == entry.id:
+                del self.unapplied[dep]
+            if then:
+                self._apply(then[0], then[1:])
+                return
+            self._report_unapplied()
+            return
+        except Exception as exc:  # ActuatorError, or a bug: retried, never fatal
+            if not isinstance(exc, ActuatorError):
+                log.exception("actuator %s raised %s", type(self.actuator).__name__,
+                              type(exc).__name__)
+                exc = ActuatorError(f"{type(exc).__name__}: {exc}")
             self.metrics.error("actuator")
             self.log.mark_failed(entry.id, str(exc))
             previous = self.unapplied.get(dep)

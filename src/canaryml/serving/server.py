@@ -116,6 +116,10 @@ class ServeMetrics:
         self.errors = Counter("canaryml_errors", "Errors by kind (source, scorer, actuator, log)",
                               ["kind"], registry=self.registry)
         self.model = Info("canaryml_model", "Scorer model in use", registry=self.registry)
+        self.skipped_actions = Counter("canaryml_skipped_actions",
+                                       "Actions skipped, never applied, by reason "
+                                       "(unknown_target: no actuator target for the deployment)",
+                                       ["reason"], registry=self.registry)
 
     def observe(self, deployment_id: str, decision: Decision) -> None:
         self.decisions.labels(deployment_id, str(decision.action)).inc()
@@ -124,6 +128,9 @@ class ServeMetrics:
 
     def error(self, kind: str) -> None:
         self.errors.labels(kind).inc()
+
+    def skipped(self, reason: str) -> None:
+        self.skipped_actions.labels(reason).inc()
 
     def set_model(self, version: str) -> None:
         self.model.info({"version": version})
