@@ -109,6 +109,8 @@ def test_prometheus_down_pauses_with_the_reason_and_never_acts(
         health = requests.get(f"{svc.server.url}/healthz", timeout=5)
         assert health.status_code == 503
         assert "unreachable" in health.json()["reasons"]["telemetry"]
+        # the liveness probe's path (serving/k8s) stays 200: a pausing controller is not killed
+        assert requests.get(f"{svc.server.url}/livez", timeout=5).status_code == 200
         metrics = requests.get(f"{svc.server.url}/metrics", timeout=5).text
         assert 'canaryml_errors_total{kind="source"} 3.0' in metrics
     finally:

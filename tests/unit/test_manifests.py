@@ -159,8 +159,13 @@ def test_deployment_is_hardened_and_probed() -> None:
     assert sc["capabilities"]["drop"] == ["ALL"]
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(container["resources"][kind])
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert container[probe]["httpGet"]["path"] == "/healthz"
+    # issue 16 #4: /healthz is 503 while Prometheus or MLflow is down; probing liveness (or
+    # startup) on it would restart a controller that is correctly pausing, in a loop
+    paths = {probe: container[probe]["httpGet"]["path"]
+             for probe in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert paths == {"startupProbe": "/livez", "livenessProbe": "/livez",
+                     "readinessProbe": "/healthz"}
+    for probe in paths:
         assert container[probe]["httpGet"]["port"] in ("http", HTTP_PORT)
     assert container["ports"] == [{"name": "http", "containerPort": HTTP_PORT,
                                    "protocol": "TCP"}]
@@ -454,7 +459,7 @@ def test_dockerfile_lints() -> None:
     assert entrypoint == ["canaryml"]
     assert [a for op, a in final if op == "EXPOSE"] == [str(HTTP_PORT)]
     (health,) = [a for op, a in final if op == "HEALTHCHECK"]
-    assert f"127.0.0.1:{HTTP_PORT}/healthz" in health
+    assert f"127.0.0.1:{HTTP_PORT}/livez" in health  # Swarm replaces unhealthy tasks
     assert any(op == "COPY" and a.startswith("--from=") for op, a in final)
     env = " ".join(a for op, a in final if op == "ENV")
     assert "CANARYML_CONF=/opt/canaryml/conf" in env
