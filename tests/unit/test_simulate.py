@@ -20,9 +20,11 @@ from canaryml.simulate import (
     FAMILIES,
     FAULT_FAMILIES,
     HEALTHY_VARIANTS,
+    ONSET_STYLES,
     SimParams,
     first_breach,
     plan_family,
+    plan_onset_style,
     simulate_corpus,
     simulate_deployment,
     simulate_deployments,
@@ -99,6 +101,14 @@ def test_bundle_passes_contract_and_ingest(tmp_path: Path, params: SimParams, fm
     manifest = write_canonical(bundle, tmp_path / "canon", step_s=params.step_s, catalog=CAT,
                                source="simulator")
     ds = CanonicalDataset(tmp_path / "canon")
+    # the onset style survives ingest as an extra deployments column (empty when healthy)
+    styles = ds.deployments.set_index("deployment_id")["fault_onset_style"]
+    for _, row in deps.iterrows():
+        got = styles[row["deployment_id"]]
+        if row["label"] == "faulty":
+            assert got == row["fault_onset_style"] and got in ONSET_STYLES
+        else:
+            assert pd.isna(got) or got == ""
     assert manifest["counts"]["rows"] == 6 * 2 * params.steps
     assert set(ds.metrics) == set(CAT.names)
     arr = ds.arrays(str(deps["deployment_id"].iloc[0]))
@@ -130,10 +140,12 @@ def test_labels_are_computed_from_the_canary(corpus: tuple[pd.DataFrame, pa.Tabl
     faulty = deps[deps["label"] == "faulty"]
     assert faulty["fault_onset"].notna().all() and faulty["fault_kind"].notna().all()
     hit = faulty[faulty["impact_at"].notna()]
-    assert (hit["impact_at"] > hit["fault_onset"]).all()
-    # onset in the middle third; severities spread: quick, slow and never
+    assert (hit["impact_at"] >= hit["fault_onset"]).all()
+    # mid-run onsets in the middle third, from-start onsets at the first sample; severities
+    # spread: quick, slow and never
     rel = (faulty["fault_onset"] - faulty["start"]).dt.total_seconds() / params.duration_s
-    assert rel.between(0.3, 0.7).all()
+    mid = faulty["fault_onset_style"] == "mid_run"
+    assert rel[mid].between(0.3, 0.7).all() and (rel[~mid] == 0).all()
     lead_min = (hit["impact_at"] - hit["fault_onset"]).dt.total_seconds() / 60
     assert (lead_min < 5).any() and (lead_min > 15).any()
     assert 0.05 <= faulty["impact_at"].isna().mean() <= 0.4
@@ -141,6 +153,7 @@ def test_labels_are_computed_from_the_canary(corpus: tuple[pd.DataFrame, pa.Tabl
     # long samples: it must give the same timestamp
     slo = {m.name: m.slo for m in CAT.slo_metrics()}
     checked = 0
+    styles_checked: set[str] = set()
     for _, row in faulty.head(40).iterrows():
         wide = _wide_canary(samples, row["deployment_id"], list(slo))
         grid = pd.date_range(row["start"], row["end"], freq=f"{params.step_s}s")
@@ -154,7 +167,8 @@ def test_labels_are_computed_from_the_canary(corpus: tuple[pd.DataFrame, pa.Tabl
         expected = pd.NaT if first is None else grid[first]
         assert (pd.isna(expected) and pd.isna(row["impact_at"])) or expected == row["impact_at"]
         checked += int(first is not None)
-    assert checked >= 20
+        styles_checked.add(str(row["fault_onset_style"]))
+    assert checked >= 20 and styles_checked == set(ONSET_STYLES)
 
 
 def test_healthy_canaries_never_breach_on_their_own(params: SimParams) -> None:
@@ -196,7 +210,8 @@ def test_faults_act_on_the_canary_only(params: SimParams, family: str, precursor
     quick = SimParams.from_mapping(params.to_mapping() | {"breach_after_s": [600, 900]})
     rises = 0
     for i in range(6):
-        d = simulate_deployment(family, seed=21, params=quick, catalog=CAT, index=i)
+        d = simulate_deployment(family, seed=21, params=quick, catalog=CAT, index=i,
+                                onset_style="mid_run")
         c_pre, c_post = _pre_post(d, precursor, "canary")
         b_pre, b_post = _pre_post(d, precursor, "baseline")
         rises += int(c_post > 1.5 * c_pre and b_post < 1.3 * b_pre)
@@ -208,7 +223,8 @@ def test_faults_act_on_the_canary_only(params: SimParams, family: str, precursor
 
 def test_conn_pool_raises_the_tail_not_the_median(params: SimParams) -> None:
     quick = SimParams.from_mapping(params.to_mapping() | {"breach_after_s": [600, 900]})
-    d = simulate_deployment("conn_pool_exhaustion", seed=4, params=quick, catalog=CAT)
+    d = simulate_deployment("conn_pool_exhaustion", seed=4, params=quick, catalog=CAT,
+                            onset_style="mid_run")
     assert d.impact_at_s is not None
     k = int((d.impact_at_s - d.timestamps_s[0]) // 15)
     onset = int((d.fault_onset_s - d.timestamps_s[0]) // 15)
@@ -253,6 +269,138 @@ def test_benign_shift_uses_more_resources_from_the_start(params: SimParams) -> N
     assert np.nanmean(d.canary[:60, mem]) > 1.03 * np.nanmean(d.baseline[:60, mem])
 
 
+# --------------------------------------------------------------------------- onset styles
+
+
+def test_from_start_faults_at_the_configured_share(corpus: tuple[pd.DataFrame, pa.Table],
+                                                   params: SimParams) -> None:
+    deps, _ = corpus
+    assert params.from_start_share == 0.5 and params.from_start_step_share == 0.5
+    assert deps.loc[deps["label"] == "healthy", "fault_onset_style"].isna().all()
+    faulty = deps[deps["label"] == "faulty"]
+    style = faulty["fault_onset_style"]
+    assert set(style) == set(ONSET_STYLES)
+    from_start = style != "mid_run"
+    assert 0.4 <= from_start.mean() <= 0.6
+    assert 0.35 <= (style[from_start] == "from_start_step").mean() <= 0.65
+    # from-start faults begin at the deployment's first sample; fault_kind stays the family
+    assert (faulty.loc[from_start, "fault_onset"] == faulty.loc[from_start, "start"]).all()
+    assert (faulty.loc[~from_start, "fault_onset"] > faulty.loc[~from_start, "start"]).all()
+    assert set(faulty["fault_kind"]) == set(FAULT_FAMILIES)
+    assert (faulty["fault_kind"] == faulty["variant"]).all()
+    # the style is planned per (seed, index): the corpus agrees with plan_onset_style
+    for i, row in enumerate(deps.itertuples()):
+        if row.label == "faulty":
+            assert row.fault_onset_style == plan_onset_style(0, i, params)
+
+
+def test_from_start_steps_breach_at_once_later_or_never(corpus: tuple[pd.DataFrame, pa.Table]
+                                                        ) -> None:
+    deps, _ = corpus
+    steps = deps[deps["fault_onset_style"] == "from_start_step"]
+    lead_min = (steps["impact_at"] - steps["fault_onset"]).dt.total_seconds() / 60
+    assert (lead_min <= 1).any()  # bad enough to breach from the first minute
+    assert (lead_min > 10).any()  # a smaller step that a slow drift takes over the SLO later
+    assert steps["impact_at"].isna().any()  # a regression that never breaches: still faulty
+    assert (steps["label"] == "faulty").all()
+
+
+DRIVEN = [("latency_creep", "latency_p99"), ("mem_leak", "app_memory"),
+          ("error_ramp", "error_rate"), ("cpu_hot_loop", "app_cpu"),
+          ("conn_pool_exhaustion", "latency_p99"), ("slow_storage", "storage_latency")]
+
+
+def _first_minutes_ratio(d: Any, metric: str, steps: int = 5) -> float:
+    j = _idx(d, metric)
+    return float(np.nanmean(d.canary[:steps, j]) / np.nanmean(d.baseline[:steps, j]))
+
+
+@pytest.mark.parametrize(("family", "metric"), DRIVEN)
+def test_a_step_is_visible_from_the_first_minutes(params: SimParams, family: str,
+                                                  metric: str) -> None:
+    for i in range(8):
+        step = simulate_deployment(family, seed=31, params=params, catalog=CAT, index=i,
+                                   onset_style="from_start_step")
+        assert step.fault_onset_s == step.timestamps_s[0]
+        assert step.label == "faulty" and step.fault_kind == family
+        assert _first_minutes_ratio(step, metric) > 1.4, (family, i)
+        mid = simulate_deployment(family, seed=31, params=params, catalog=CAT, index=i,
+                                  onset_style="mid_run")
+        assert mid.fault_onset_s is not None and mid.fault_onset_s > mid.timestamps_s[60]
+        if metric != "error_rate":  # a handful of errors per step: ratios of tiny counts
+            assert _first_minutes_ratio(mid, metric) < 1.25, (family, i)
+        # the style moves the onset only: the service and the baseline's app metrics are the
+        # same draws (node noise comes after the error draws, whose length depends on the rate)
+        app = [_idx(step, m) for m in ("request_rate", "error_rate", "latency_p99", "app_cpu",
+                                       "app_memory")]
+        np.testing.assert_array_equal(step.baseline[:, app], mid.baseline[:, app])
+
+
+def test_from_start_ramp_starts_at_zero(params: SimParams) -> None:
+    quick = SimParams.from_mapping(params.to_mapping() | {"breach_after_s": [1200, 1500]})
+    for i in range(4):
+        d = simulate_deployment("latency_creep", seed=8, params=quick, catalog=CAT, index=i,
+                                onset_style="from_start_ramp")
+        assert d.fault_onset_s == d.timestamps_s[0] and d.impact_at_s is not None
+        mid = simulate_deployment("latency_creep", seed=8, params=quick, catalog=CAT, index=i,
+                                  onset_style="mid_run")
+        j = _idx(d, "latency_p99")
+        # the first minute is almost the fault-free canary; 16-19 minutes in it is well above it
+        assert np.nanmean(d.canary[:4, j]) < 1.1 * np.nanmean(mid.canary[:4, j])
+        assert np.nanmean(d.canary[64:76, j]) > 1.5 * np.nanmean(mid.canary[64:76, j])
+
+
+def test_labels_of_from_start_faults_are_computed(params: SimParams) -> None:
+    """impact_at is the first breach of the generated canary series, at or after the onset."""
+    seen = {"at_once": 0, "later": 0, "never": 0}
+    for family in FAULT_FAMILIES:
+        for i in range(5):
+            d = simulate_deployment(family, seed=13, params=params, catalog=CAT, index=i,
+                                    onset_style="from_start_step")
+            assert d.fault_onset_s == d.timestamps_s[0]
+            first = first_breach(d.canary, d.metrics, CAT)
+            if first is None:
+                assert d.impact_at_s is None
+                seen["never"] += 1
+                continue
+            assert d.impact_at_s == d.timestamps_s[first] >= d.fault_onset_s
+            # a real breach: some SLO metric is over its SLO at that step and the next
+            over = [d.canary[first: first + 2, _idx(d, m.name)] > m.slo
+                    for m in CAT.slo_metrics() if m.name in d.metrics]
+            assert any(bool(o.all()) for o in over)
+            seen["at_once" if first <= 4 else "later"] += 1
+    assert all(n > 0 for n in seen.values()), seen
+
+
+def test_from_start_share_zero_gives_only_mid_run_faults(params: SimParams) -> None:
+    mid = SimParams.from_mapping(params.to_mapping() | {"from_start_share": 0})
+    deps, _ = simulate_corpus(40, 0, mid, CAT)
+    faulty = deps[deps["label"] == "faulty"]
+    assert len(faulty) >= 15 and (faulty["fault_onset_style"] == "mid_run").all()
+    rel = (faulty["fault_onset"] - faulty["start"]).dt.total_seconds() / mid.duration_s
+    assert rel.between(0.3, 0.7).all()
+    steps = SimParams.from_mapping(params.to_mapping() | {
+        "from_start_share": 1, "from_start_step_share": 1})
+    deps, _ = simulate_corpus(20, 0, steps, CAT)
+    faulty = deps[deps["label"] == "faulty"]
+    assert (faulty["fault_onset_style"] == "from_start_step").all()
+    assert (faulty["fault_onset"] == faulty["start"]).all()
+
+
+def test_healthy_variants_ignore_the_onset_settings(params: SimParams) -> None:
+    other = SimParams.from_mapping(params.to_mapping() | {
+        "from_start_share": 1, "from_start_step_share": 0, "step_level": [0.5, 0.6]})
+    for family in HEALTHY_VARIANTS:
+        a = simulate_deployment(family, seed=2, params=params, catalog=CAT)
+        b = simulate_deployment(family, seed=2, params=other, catalog=CAT)
+        np.testing.assert_array_equal(a.canary, b.canary)
+        assert a.onset_style is None and a.fault_onset_s is None
+    with pytest.raises(ConfigError, match="fault families only"):
+        simulate_deployment("plain", params=params, catalog=CAT, onset_style="mid_run")
+    with pytest.raises(ConfigError, match="onset_style='sudden'"):
+        simulate_deployment("mem_leak", params=params, catalog=CAT, onset_style="sudden")
+
+
 # --------------------------------------------------------------------------- defects, config
 
 
@@ -295,6 +443,14 @@ def test_family_mix_is_configurable(params: SimParams) -> None:
     ({"step_s": 0}, "step_s"),
     ({"start": "yesterday-ish"}, "start"),
     ({"format": "xlsx"}, "format"),
+    ({"from_start_share": 1.5}, r"from_start_share=1.5 must be a share in \[0, 1\].*e\.g\. "
+                                r"simulate\.from_start_share=0\.5"),
+    ({"from_start_share": -0.1}, "from_start_share"),
+    ({"from_start_share": "half"}, "from_start_share"),
+    ({"from_start_step_share": 2}, r"from_start_step_share=2.0 must be a share in \[0, 1\]"),
+    ({"step_level": [0.0, 1.0]}, "step_level"),
+    ({"step_level": [1.0, 0.5]}, "step_level"),
+    ({"step_drift_per_h": [-1, 1]}, "step_drift_per_h"),
 ])
 def test_bad_parameters_are_config_errors(params: SimParams, change: dict[str, Any],
                                           match: str) -> None:

@@ -4,7 +4,8 @@ Public API:
   simulate_corpus(n, seed, params, catalog) -> (deployments DataFrame, samples Arrow table)
   simulate_deployment(family, seed, params, catalog, index) -> SimulatedDeployment (wide arrays)
   SimParams.from_mapping(cfg.simulate) / SimParams.default()
-See `canaryml.simulate.model` for the service model, fault families and the labelling rule.
+See `canaryml.simulate.model` for the service model, fault families, onset styles and the
+labelling rule.
 """
 
 from __future__ import annotations
@@ -18,11 +19,18 @@ from canaryml.simulate.corpus import (
     simulate_deployment,
     simulate_deployments,
 )
-from canaryml.simulate.model import BREACH_RUN, SIM_METRICS, SimulatedDeployment, first_breach
+from canaryml.simulate.model import (
+    BREACH_RUN,
+    SIM_METRICS,
+    SimulatedDeployment,
+    first_breach,
+    plan_onset_style,
+)
 from canaryml.simulate.params import (
     FAMILIES,
     FAULT_FAMILIES,
     HEALTHY_VARIANTS,
+    ONSET_STYLES,
     SimParams,
     label_of,
 )
@@ -32,6 +40,7 @@ __all__ = [
     "FAMILIES",
     "FAULT_FAMILIES",
     "HEALTHY_VARIANTS",
+    "ONSET_STYLES",
     "SIM_METRICS",
     "SimParams",
     "SimulatedDeployment",
@@ -40,6 +49,7 @@ __all__ = [
     "first_breach",
     "label_of",
     "plan_family",
+    "plan_onset_style",
     "samples_table",
     "simulate_corpus",
     "simulate_deployment",

@@ -43,14 +43,16 @@ def plan_family(seed: int, index: int, params: SimParams) -> str:
 
 def simulate_deployment(family: str, seed: int = 0, params: SimParams | Mapping[str, Any] |
                         None = None, catalog: Catalog | None = None, index: int = 0,
-                        deployment_id: str | None = None) -> SimulatedDeployment:
+                        deployment_id: str | None = None, onset_style: str | None = None
+                        ) -> SimulatedDeployment:
     """One deployment of `family` as wide arrays (for demos and live tests that stream a canary).
 
     Identical to deployment `index` of `simulate_corpus(…, seed)` when that deployment has the
-    same family.
+    same family (and, with `onset_style` set, the same onset style; unset = drawn as in the
+    corpus). `onset_style` is one of `from_start_step`, `from_start_ramp`, `mid_run`.
     """
     return generate(family, seed, index, SimParams.coerce(params), catalog or Catalog.default(),
-                    deployment_id=deployment_id)
+                    deployment_id=deployment_id, onset_style=onset_style)
 
 
 def simulate_deployments(n: int, seed: int = 0, params: SimParams | Mapping[str, Any] | None = None,
@@ -73,7 +75,8 @@ def simulate_corpus(n: int = 200, seed: int = 0, params: SimParams | Mapping[str
 
     `params` is a SimParams or the `simulate` config section (None = conf/simulate/default.yaml);
     `catalog` defaults to conf/metrics/default.yaml and supplies the metrics and SLOs.
-    Deployments carry the contract's columns plus `variant` (the family, for every row);
+    Deployments carry the contract's columns plus `variant` (the family, for every row) and
+    `fault_onset_style` (`from_start_step`, `from_start_ramp` or `mid_run`; empty if healthy);
     samples are long format (timestamp, deployment_id, group, metric, value) in per-series
     order. Write them with `canaryml.data.contract.write_bundle`.
     """
@@ -96,6 +99,7 @@ def deployments_table(deps: Sequence[SimulatedDeployment]) -> pd.DataFrame:
         "impact_at": ts([d.impact_at_s for d in deps]),
         "fault_kind": pd.Series([d.fault_kind for d in deps], dtype="object"),
         "variant": pd.Series([d.family for d in deps], dtype="str"),
+        "fault_onset_style": pd.Series([d.onset_style for d in deps], dtype="object"),
     })
 
 

@@ -20,17 +20,36 @@ The model, per group (baseline, canary) and step (all arrays [2, T], vectorised 
   target (app and node exporter) that become missing rows or NaN rows, and rare single-point
   glitches (spikes or drops) on either group.
 
-Faults act on the canary only, from `fault_onset`, along a progress curve
-`prog(t) = ((t − onset) / breach_after)^k` (k in [1, 2]) scaled so that in the noise-free model
-the driven SLO metric reaches its SLO at prog = 1; `breach_after` is log-uniform in
-`SimParams.breach_after_s`, so some faults breach quickly, some slowly and some never within
-the window. Precursors come first where they exist in reality (memory before GC latency, CPU
-before queueing latency, storage latency before request latency).
+Faults act on the canary only, from `fault_onset`, along a progress curve `prog = g^k`
+(k in [1, 2]) of a linear progress `g`, scaled so that in the noise-free model the driven SLO
+metric reaches its SLO at prog = 1. Each fault has one of three onset styles
+(`SimulatedDeployment.onset_style`, the bundle's `fault_onset_style` column):
+
+* `mid_run`: onset at a point of `SimParams.onset_window`; `g = (t − onset) / breach_after`,
+  with `breach_after` log-uniform in `SimParams.breach_after_s`, so some faults breach quickly,
+  some slowly and some never within the window;
+* `from_start_ramp`: the same ramp with onset = the deployment's start (first sample);
+* `from_start_step`: a bad release: onset = the start and the canary is worse from its first
+  sample: `prog` jumps to `level` (uniform in `SimParams.step_level`, in units of the SLO
+  headroom: ≥ 1 breaches at once, below 1 it does not yet) and `g` then grows by `drift` per
+  hour (`SimParams.step_drift_per_h`), so some steps breach at once, some later and some never.
+
+A share `SimParams.from_start_share` of faults is from the start, of which
+`from_start_step_share` are steps, spread evenly over the corpus (`plan_onset_style`). Every
+fault draws its mid-run onset, ramp and step values whatever its style, so the service, noise
+and fault size do not depend on the style. The families keep their mechanics in every style (a
+mem_leak step is a larger heap from the start that then leaks; it never starts past the OOM
+limit). Precursors come first where they exist in reality (memory before GC latency, CPU before
+queueing latency, storage latency before request latency). Healthy variants are unaffected by
+the onset styles: `benign_shift` (a canary that uses a bit more CPU and memory from the start)
+and the per-group node differences are the healthy from-start differences.
 
 Labels are computed, not asserted: `breach_index` is the first step at which any SLO metric of
 the catalog breaches on the generated (noisy, gappy, glitchy) canary series and still breaches
 at the next step. A breach must hold for 2 consecutive grid steps, so a single-point glitch is
-never user impact; a NaN (missed scrape) never breaches and breaks a run.
+never user impact; a NaN (missed scrape) never breaches and breaks a run. `fault_onset` is the
+first sample's time for a from-start fault; `impact_at` is the computed breach (at the first
+sample for a step past the SLO, None when the canary never breaches: still labelled faulty).
 """
 
 from __future__ import annotations
@@ -44,7 +63,7 @@ from scipy.signal import lfilter
 
 from canaryml.catalog import Catalog, Direction
 from canaryml.errors import ConfigError
-from canaryml.simulate.params import FAMILIES, SimParams, label_of
+from canaryml.simulate.params import FAMILIES, ONSET_STYLES, SimParams, label_of
 
 SIM_METRICS: tuple[str, ...] = (
     "request_rate", "error_rate", "latency_p50", "latency_p95", "latency_p99", "app_cpu",
@@ -74,7 +93,8 @@ class SimulatedDeployment:
     `timestamps_s` is int64 [T] epoch seconds. `fault_onset_s`/`impact_at_s` are set for faulty
     deployments only (impact None when the canary never breaches in the window);
     `breach_at_s` is the canary's first SLO breach for any family (a shared event can make a
-    healthy canary breach). `glitches` counts injected single-point glitches.
+    healthy canary breach). `glitches` counts injected single-point glitches. `onset_style` is
+    how a fault begins (`from_start_step`, `from_start_ramp`, `mid_run`; None when healthy).
     """
 
     deployment_id: str
@@ -91,6 +111,7 @@ class SimulatedDeployment:
     breach_at_s: int | None
     glitches: int = 0
     details: dict[str, Any] = field(default_factory=dict)
+    onset_style: str | None = None
 
     @property
     def fault_kind(self) -> str | None:
@@ -184,20 +205,46 @@ def first_breach(values: np.ndarray, metrics: tuple[str, ...] | list[str], catal
 
 # --------------------------------------------------------------------------- generator
 
+_G1, _G2 = (math.sqrt(5.0) - 1.0) / 2.0, math.sqrt(2.0) - 1.0
+
+
+def plan_onset_style(seed: int, index: int, params: SimParams) -> str:
+    """The onset style a fault at deployment `index` of corpus `seed` gets.
+
+    Two Weyl sequences (golden ratio, √2) over the index, offset per seed, so the share of
+    from-start faults in any stretch of a corpus stays close to `params.from_start_share` (and
+    of steps among them to `from_start_step_share`), yet it depends only on (seed, index): the
+    same index run as another fault family gets the same style.
+    """
+    u1, u2 = np.random.default_rng([seed, 2**32 - 2]).random(2)
+    if math.fmod(u1 + index * _G1, 1.0) >= params.from_start_share:
+        return "mid_run"
+    if math.fmod(u2 + index * _G2, 1.0) < params.from_start_step_share:
+        return "from_start_step"
+    return "from_start_ramp"
+
 
 def generate(family: str, seed: int, index: int, params: SimParams, catalog: Catalog,
-             deployment_id: str | None = None, start_s: int | None = None
-             ) -> SimulatedDeployment:
+             deployment_id: str | None = None, start_s: int | None = None,
+             onset_style: str | None = None) -> SimulatedDeployment:
     """Generate deployment `index` of corpus `seed` as family `family`.
 
     Randomness comes from `SeedSequence([seed, index])` split into independent streams for
     the service profile, the per-step noise, the family's own draws and the scrape defects, so
     the same (seed, index) run as two families shares its service and noise (paired data).
     `start_s` defaults to the corpus schedule: params.start + index × spacing + jitter.
+    `onset_style` forces a fault's onset style (one of ONSET_STYLES); by default it is
+    `plan_onset_style(seed, index, params)`. Forcing it changes no other draw: the deployment
+    is the planned one with another onset.
     """
     if family not in FAMILIES:
         raise ConfigError(f"unknown simulator family {family!r}; known: {', '.join(FAMILIES)}")
     label = label_of(family)
+    if onset_style is not None and onset_style not in ONSET_STYLES:
+        raise ConfigError(f"onset_style={onset_style!r} is not one of {', '.join(ONSET_STYLES)}")
+    if onset_style is not None and label != "faulty":
+        raise ConfigError(f"onset_style={onset_style!r} applies to fault families only, not the "
+                          f"healthy variant {family!r}; leave it unset")
     prof, noise_rng, fam, scrape = (np.random.default_rng(s)
                                     for s in np.random.SeedSequence([seed, index]).spawn(4))
     p = params
@@ -260,16 +307,28 @@ def generate(family: str, seed: int, index: int, params: SimParams, catalog: Cat
     # ---- family draws
     details: dict[str, Any] = {}
     onset: int | None = None
+    style: str | None = None
     prog = np.zeros(T)
     g = np.zeros(T)
     if label == "faulty":
         lo, hi = p.onset_window
-        onset = int(fam.integers(int(lo * T), max(int(lo * T) + 1, int(hi * T))))
+        mid_onset = int(fam.integers(int(lo * T), max(int(lo * T) + 1, int(hi * T))))
         breach_after = _loguniform(fam, *p.breach_after_s)
         shape = fam.uniform(1.0, 2.0)
-        g = np.clip((t - onset) * step / breach_after, 0.0, _PROG_MAX)
+        # drawn for every fault, whatever its style, so that the style changes nothing else
+        level = fam.uniform(*p.step_level)
+        drift = fam.uniform(*p.step_drift_per_h)
+        style = onset_style or plan_onset_style(seed, index, p)
+        onset = mid_onset if style == "mid_run" else 0
+        if style == "from_start_step":  # prog = level at the first sample, then a slow drift
+            g0, rate = level ** (1.0 / shape), drift / 3600.0
+            details.update(step_level=round(level, 3), drift_per_h=round(drift, 3))
+        else:  # a ramp from zero at the onset
+            g0, rate = 0.0, 1.0 / breach_after
+            details.update(breach_after_s=round(breach_after, 1))
+        g = np.clip(g0 + (t - onset) * step * rate, 0.0, _PROG_MAX)
         prog = np.minimum(g**shape, _PROG_MAX)
-        details.update(breach_after_s=round(breach_after, 1), shape=round(shape, 3))
+        details.update(onset_style=style, shape=round(shape, 3))
     surge = np.ones(T)
     downstream = np.zeros(T)
     if family == "benign_shift":
@@ -358,13 +417,17 @@ def generate(family: str, seed: int, index: int, params: SimParams, catalog: Cat
     restarts: list[int] = []
     leak = np.zeros(T)
     if family == "mem_leak":
-        peak0 = float(np.max(mem_pre[1, : onset or 1]))
-        leak_raw = prog * max(slo["app_memory"] - peak0, 0.02 * slo["app_memory"]) * 1.05
-        leak = leak_raw.copy()
         o = onset or 0
+        # the heap's peak without the fault: before onset, or over the window from the start
+        peak0 = float(np.max(mem_pre[1, :o] if o > 0 else mem_pre[1]))
+        leak_raw = prog * max(slo["app_memory"] - peak0, 0.02 * slo["app_memory"]) * 1.05
+        cap = 0.98 * (limit - peak0)
+        if leak_raw[o] > cap:  # a step never starts past the OOM limit (no crash loop)
+            leak_raw[o:] += cap - leak_raw[o]
+        leak = leak_raw.copy()
         while True:  # each OOM kill restarts the pod: the leak starts over from a fresh heap
             over = np.flatnonzero(mem_pre[1] + leak > limit)
-            if not len(over):
+            if not len(over) or (restarts and int(over[0]) <= restarts[-1]):
                 break
             i = int(over[0])
             restarts.append(i)
@@ -450,7 +513,7 @@ def generate(family: str, seed: int, index: int, params: SimParams, catalog: Cat
         timestamps_s=ts.astype(np.int64), metrics=metrics, canary=canary, baseline=baseline,
         row_missing=row_missing[:, :, cols_idx], fault_onset_s=onset_s,
         impact_at_s=breach_at if label == "faulty" else None, breach_at_s=breach_at,
-        glitches=glitches, details=details)
+        glitches=glitches, details=details, onset_style=style)
 
 
 def _glitch(rng: np.random.Generator, values: np.ndarray, rate: float) -> int:

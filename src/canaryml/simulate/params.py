@@ -23,6 +23,8 @@ FAULT_FAMILIES = (
 )
 HEALTHY_VARIANTS = ("plain", "benign_shift", "traffic_surge", "shared_downstream_slowdown")
 FAMILIES = FAULT_FAMILIES + HEALTHY_VARIANTS
+# how a fault begins on the canary (the bundle's `fault_onset_style` column)
+ONSET_STYLES = ("from_start_step", "from_start_ramp", "mid_run")
 
 
 def label_of(family: str) -> str:
@@ -65,6 +67,10 @@ class SimParams:
 
     `breach_after_s` is the planned time from fault onset to the canary's SLO breach in the
     noise-free model (log-uniform); beyond the end of the window the fault never breaches.
+    A share `from_start_share` of faults is bad from the canary's first sample (onset = the
+    deployment's start); of those, `from_start_step_share` are steps (the driven metric jumps to
+    `step_level` × its SLO headroom at once, then grows by `step_drift_per_h` per hour) and the
+    rest ramps from zero. The other faults begin mid-run, at a point of `onset_window`.
     The real `impact_at` label is always recomputed from the generated series.
     """
 
@@ -79,6 +85,10 @@ class SimParams:
         ("plain", 2.0), ("benign_shift", 1.0), ("traffic_surge", 1.0),
         ("shared_downstream_slowdown", 1.0))
     onset_window: tuple[float, float] = (1 / 3, 2 / 3)
+    from_start_share: float = 0.5
+    from_start_step_share: float = 0.5
+    step_level: tuple[float, float] = (0.25, 1.25)
+    step_drift_per_h: tuple[float, float] = (0.0, 0.6)
     breach_after_s: tuple[float, float] = (120.0, 3000.0)
     noise: float = 1.0
     tail_df: float = 4.0
@@ -123,7 +133,8 @@ class SimParams:
             elif key in ("onset_window",):
                 kw[key] = _range(key, value, 0.0, 1.0)
             elif key in ("breach_after_s", "surge_factor", "slowdown_headroom_share",
-                         "benign_cpu_factor", "benign_memory_factor"):
+                         "benign_cpu_factor", "benign_memory_factor", "step_level",
+                         "step_drift_per_h"):
                 kw[key] = _range(key, value, 0.0)
             elif key in ("baseline_pods", "canary_pods"):
                 a, b = _range(key, value, 1.0)
@@ -137,7 +148,10 @@ class SimParams:
             elif key in ("start", "format"):
                 kw[key] = str(value)
             else:
-                kw[key] = float(value)
+                try:
+                    kw[key] = float(value)
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"simulate.{key}={value!r} must be a number") from exc
         params = cls(**kw)
         params.validate()
         return params
@@ -179,6 +193,19 @@ class SimParams:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"simulate.{name}={value} must be in [0, 1]")
+        for name, meaning in (
+                ("from_start_share", "0 = every fault begins mid-run, 1 = every fault is bad "
+                 "from the canary's first sample"),
+                ("from_start_step_share", "of the from-start faults, 0 = all ramp from zero, "
+                 "1 = all are steps")):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"simulate.{name}={value} must be a share in [0, 1] "
+                                  f"({meaning}); e.g. simulate.{name}=0.5")
+        if not 0.0 < self.step_level[0] <= self.step_level[1] <= 3.0:
+            raise ConfigError(f"simulate.step_level={list(self.step_level)} must satisfy "
+                              "0 < low <= high <= 3 (share of the SLO headroom at the first "
+                              "sample; 1 = breaches at once), e.g. [0.25, 1.25]")
         if self.scrape_miss_rate > 0.5 or self.glitch_rate > 0.1:
             raise ConfigError("simulate.scrape_miss_rate must be <= 0.5 and glitch_rate <= 0.1")
         if self.noise < 0 or self.tail_df <= 2:
