@@ -75,8 +75,8 @@ def url(board: VerdictBoard) -> Iterator[str]:
         yield srv.url
 
 
-def argo(url: str, **params: str) -> dict[str, Any]:
-    r = requests.get(url + ARGO_VERDICT, params=params, timeout=5)
+def argo(url: str, headers: dict[str, str] | None = None, **params: str) -> dict[str, Any]:
+    r = requests.get(url + ARGO_VERDICT, params=params, headers=headers, timeout=5)
     assert r.status_code == 200, r.text  # never an HTTP error: 5 in a row abort a rollout
     body = _strict(r.text)
     assert set(body) >= {"score", "verdict", "action", "reasons", "model_version", "decided_at"}
@@ -97,6 +97,7 @@ def _cont(score: float, breaches: int = 0) -> Decision:
 # ------------------------------------------------------------------------------------- Argo
 def test_argo_verdicts_follow_the_latest_decision(board: VerdictBoard, clock: Clock,
                                                   url: str) -> None:
+    board.set_revision("web", "abc")  # what serve's discovery reads from the Rollout
     q = {"namespace": "demo", "rollout": "web-rollout", "canary_hash": "abc", "stable_hash": "s1"}
     body = argo(url, **q)
     assert body["verdict"] == "inconclusive" and body["action"] == "pause"
@@ -152,15 +153,50 @@ def test_argo_degraded_states_answer_inconclusive(board: VerdictBoard, clock: Cl
 
 
 def test_a_new_canary_revision_does_not_inherit_the_old_verdict(board: VerdictBoard,
+                                                               clock: Clock) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}  # an authenticated caller may report revisions
+    with _server(board, TOKEN) as srv:
+        url = srv.url
+        board.update("web", Decision(Action.ROLLBACK, "roll back", 0.93, {}), "v1", clock.t)
+        assert argo(url, auth, deployment="web", canary_hash="rev1")["verdict"] == "fail"
+        clock.t += 5
+        body = argo(url, auth, deployment="web", canary_hash="rev2")  # next rollout of the app
+        assert body["verdict"] == "inconclusive" and "earlier revision" in body["reasons"][0]
+        clock.t += 5
+        board.update("web", _cont(0.05), "v1", clock.t)  # the controller decides again
+        assert argo(url, auth, deployment="web", canary_hash="rev2")["verdict"] == "pass"
+
+
+def test_an_unauthenticated_request_cannot_change_the_revision(board: VerdictBoard,
                                                                clock: Clock, url: str) -> None:
+    """Issue 16 #5: one request with a made-up canary_hash/checksum used to flip a terminal
+    fail to inconclusive for every later caller. Only the controller's own observation (or an
+    authenticated caller) changes the revision; an odd request is answered for itself only."""
+    board.set_revision("web", "rev1")  # the controller observed the Rollout's currentPodHash
+    board.set_revision("api", "c1")
     board.update("web", Decision(Action.ROLLBACK, "roll back", 0.93, {}), "v1", clock.t)
+    board.update("api", Decision(Action.ROLLBACK, "roll back", 0.91, {}), "v1", clock.t)
+    clock.t += 5
+    forged = argo(url, deployment="web", canary_hash="forged")
+    assert forged["verdict"] == "inconclusive" and "not the one the controller knows" in (
+        forged["reasons"][0])
+    hook = {"name": "api", "namespace": "demo", "phase": "Progressing", "metadata": {}}
+    assert flagger(url, FLAGGER_ROLLBACK, {**hook, "checksum": "forged"}).status_code == 409
+    clock.t += 5
+    # the real callers still get the controller's verdict
     assert argo(url, deployment="web", canary_hash="rev1")["verdict"] == "fail"
+    assert argo(url, deployment="web")["verdict"] == "fail"
+    assert flagger(url, FLAGGER_ROLLBACK, {**hook, "checksum": "c1"}).status_code == 200
+    r = flagger(url, FLAGGER_ROLLOUT_CHECK, {**hook, "checksum": "c1"})
+    assert r.status_code == 412 and r.json()["verdict"] == "fail"
+    # without a known revision, an unauthenticated one adopts nothing either
+    board.update("other", Decision(Action.ROLLBACK, "roll back", 0.9, {}), "v1", clock.t)
+    assert argo(url, deployment="other", canary_hash="x")["verdict"] == "fail"
+    assert argo(url, deployment="other", canary_hash="y")["verdict"] == "fail"
+    # the controller observes a new revision: earlier decisions no longer count
     clock.t += 5
-    body = argo(url, deployment="web", canary_hash="rev2")  # next rollout of the same app
-    assert body["verdict"] == "inconclusive" and "earlier revision" in body["reasons"][0]
-    clock.t += 5
-    board.update("web", _cont(0.05), "v1", clock.t)  # the controller decides again
-    assert argo(url, deployment="web", canary_hash="rev2")["verdict"] == "pass"
+    board.set_revision("web", "rev2")
+    assert argo(url, deployment="web", canary_hash="rev2")["verdict"] == "inconclusive"
 
 
 # ---------------------------------------------------------------------------------- Flagger

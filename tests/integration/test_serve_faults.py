@@ -207,6 +207,26 @@ def test_a_failed_rollback_is_retried_until_applied_and_health_says_so(
     assert sum(1 for p, _ in kube.patches() if p.endswith("/web-stable")) == 1  # moved once
 
 
+def test_discovery_reports_the_rollout_revision_the_verdict_board_trusts(
+        kube: KubeHarness) -> None:
+    """Issue 16 #5: the canary revision comes from the controller's own read of the Rollout
+    (status.currentPodHash), not from what a request claims."""
+    from canaryml.serving.endpoints import VerdictBoard
+    from tests.harness.kube import ROLLOUTS
+
+    kube.put(ROLLOUTS, NS, "web", {"metadata": {"labels": {"canaryml.io/track": "canary"}},
+                                   "status": {"currentPodHash": "5d8f9c"}})
+    found = serve_task.KubeDiscovery(kube.api_client, NS, "canaryml.io/track=canary",
+                                     kind="argo").discover()
+    assert found == [{"id": "web", "namespace": NS, "rollout": "web", "revision": "5d8f9c"}]
+    board = VerdictBoard()
+    svc = serve_task.Service.__new__(serve_task.Service)  # only _wire's board part is exercised
+    svc.actuator, svc.source, svc.board = DryRunActuator(), None, board
+    assert svc._wire(found[0])
+    assert board.observe_revision("web", "5d8f9c") is None  # known: its decisions count
+    assert board.observe_revision("web", "forged") == float("inf")  # unauthenticated: ignored
+
+
 def test_registry_unreachable_pauses_without_a_model(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")

@@ -30,10 +30,17 @@ Identity — which deployment a request is about (`VerdictBoard.resolve`), first
   3. a deployment id equal to ``<namespace>/<name>``, then one equal to ``<name>``;
   4. (Argo) a ``canary_hash`` seen before for exactly one deployment.
 Revisions: Argo's ``canary_hash`` (pod-template hash of the canary ReplicaSet) and Flagger's
-``checksum`` name the canary revision. The first revision seen for a deployment adopts its
-decisions; when a later request brings a *different* revision, decisions made before that
+``checksum`` name the canary revision. The revision the board knows for a deployment changes
+only through a trusted source: the controller's own observation (`VerdictBoard.set_revision`;
+serve's Kubernetes discovery reports an Argo Rollout's ``status.currentPodHash``) or a request
+authenticated with the bearer token. The first trusted revision adopts the deployment's
+decisions; when a trusted source reports a *different* revision, decisions made before that
 moment are about the old canary and are not reused — the answer is ``inconclusive`` until the
 controller decides again. So a terminal ``fail`` of yesterday's canary never aborts today's.
+An unauthenticated request's revision changes nothing: one that differs from the known
+revision gets ``inconclusive`` for itself only (anyone who can reach the port must not be able
+to turn a ``fail`` into ``inconclusive`` for the real caller); with no known revision its
+decisions count as they are.
 
 Flagger choices (non-2xx of a `rollout` hook counts as a failed check and `threshold` of them
 roll the canary back): degraded answers 200 with ``verdict: inconclusive`` in the body, so a
@@ -172,6 +179,11 @@ def verdict_for(entry: BoardEntry | None, deployment_id: str, now_s: float,
                                 f"{deployment_id!r} (the controller has not ticked it)")
     d = entry.decision
     age = now_s - entry.decided_at_s
+    if revision_since_s == math.inf:
+        return degraded_verdict(deployment_id, "this canary revision is not the one the "
+                                "controller knows; a new revision counts only when the "
+                                "controller observes it or an authenticated caller (bearer "
+                                "token) reports it", entry, now_s)
     if revision_since_s is not None and entry.decided_at_s < revision_since_s:
         return degraded_verdict(deployment_id, "no decision yet for this canary revision (the "
                                 "latest decision is about an earlier revision)", entry, now_s)
@@ -272,15 +284,29 @@ class VerdictBoard:
         return None, (f"unknown deployment {who}: no serve.deployments entry matches; add "
                       "{id, namespace, rollout|canary|flagger: NAME} or pass deployment=<id>")
 
-    def observe_revision(self, deployment_id: str, revision: str | None) -> float | None:
-        """Note the canary revision a request is about; returns the time decisions for it start
-        to count (None = all decisions count: the first revision seen adopts them)."""
+    def set_revision(self, deployment_id: str, revision: str | None) -> float | None:
+        """The controller observed `revision` as the deployment's canary (trusted)."""
+        return self.observe_revision(deployment_id, revision, trusted=True)
+
+    def observe_revision(self, deployment_id: str, revision: str | None, *,
+                         trusted: bool = False) -> float | None:
+        """The time from which decisions count for the canary `revision` a request is about
+        (None = all decisions count). Only a `trusted` source (the controller, an authenticated
+        caller) records a new revision; an untrusted one whose revision differs from the known
+        one gets +inf (no decision counts for it) and changes nothing."""
         if not revision:
             with self._lock:
                 current = self._revision.get(deployment_id)
             return None if current is None else current[1]
         with self._lock:
             current = self._revision.get(deployment_id)
+            if not trusted:
+                if current is None or current[0] == revision:
+                    return None if current is None else current[1]
+                log.warning("deployment=%s: unauthenticated request about canary revision %s "
+                            "(known: %s) ignored; answering inconclusive", deployment_id,
+                            revision, current[0])
+                return math.inf
             if current is None:
                 self._revision[deployment_id] = (revision, None)
                 return None
@@ -293,8 +319,8 @@ class VerdictBoard:
             return since
 
     def verdict(self, deployment_id: str, stale_after_s: float,
-                revision: str | None = None) -> Verdict:
-        since = self.observe_revision(deployment_id, revision)
+                revision: str | None = None, *, trusted: bool = False) -> Verdict:
+        since = self.observe_revision(deployment_id, revision, trusted=trusted)
         return verdict_for(self.get(deployment_id), deployment_id, self.clock(), stale_after_s,
                            since)
 
@@ -337,8 +363,10 @@ def install(server: ObservabilityServer, board: VerdictBoard, *, token: str | No
         canary_hash, stable_hash = req.arg("canary_hash"), req.arg("stable_hash")
         dep, how = board.resolve(deployment=req.arg("deployment"), namespace=req.arg("namespace"),
                                  name=req.arg("rollout"), revision=canary_hash)
+        # with a token the server has already checked it: the caller is authenticated
         v = (degraded_verdict(None, how) if dep is None
-             else board.verdict(dep, stale_after_s, revision=canary_hash))
+             else board.verdict(dep, stale_after_s, revision=canary_hash,
+                                trusted=server.token is not None))
         body = v.to_json() | {"canary_hash": canary_hash, "stable_hash": stable_hash}
         log.debug("argo verdict deployment=%s verdict=%s action=%s", dep, v.verdict, v.action)
         return Response.json(body)  # always 200: errors count towards aborting the rollout
@@ -363,7 +391,8 @@ def install(server: ObservabilityServer, board: VerdictBoard, *, token: str | No
             dep, how = board.resolve(deployment=meta.get("deployment"),
                                      namespace=parsed.get("namespace"), name=parsed.get("name"))
             v = (degraded_verdict(None, how) if dep is None
-                 else board.verdict(dep, stale_after_s, revision=parsed.get("checksum")))
+                 else board.verdict(dep, stale_after_s, revision=parsed.get("checksum"),
+                                    trusted=server.token is not None))
             body = v.to_json() | {"phase": parsed.get("phase"), "webhook": kind}
             status = flagger_status(kind, v)
             log.info("flagger %s name=%s/%s deployment=%s verdict=%s action=%s status=%d", kind,

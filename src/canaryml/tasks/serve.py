@@ -18,6 +18,9 @@ replica owns. A discovered canary Deployment (or Argo Rollout) reads its wiring 
     canaryml.io/canary-selector    PromQL label matchers of the canary, e.g. app="web",track="canary"
     canaryml.io/baseline-selector  … of the baseline (optional)
 
+A discovered Rollout's `status.currentPodHash` is the canary revision the verdict endpoints
+trust (a request's own `canary_hash` only counts when it carries the bearer token).
+
 The loop stops after `serve.max_ticks` ticks or `serve.duration_s` seconds (null = forever) or
 on SIGTERM/SIGINT, finishing the current tick and closing the source and the decision log.
 """
@@ -130,6 +133,11 @@ class KubeDiscovery:
                                      "namespace": meta.get("namespace") or self.namespace}
             if self.kind == "argo":
                 entry["rollout"] = name
+                # the canary revision Argo's web provider sends as canary_hash: the verdict
+                # board trusts the controller's own observation, not a caller's claim
+                pod_hash = (obj.get("status") or {}).get("currentPodHash")
+                if pod_hash:
+                    entry["revision"] = str(pod_hash)
             else:
                 entry["canary"] = name
                 if ann.get(f"{ANN}stable"):
@@ -230,6 +238,8 @@ class Service:
                 self.board.register(dep, namespace=entry.get("namespace"), names=names)
             except ConfigError as exc:
                 log.warning("verdict board: %s", exc)
+            if entry.get("revision") and hasattr(self.board, "set_revision"):
+                self.board.set_revision(dep, str(entry["revision"]))
         return True
 
     def deployment_ids(self) -> list[str]:
