@@ -91,3 +91,17 @@ def test_vectorised_sweep_equals_scalar_policy(strategy: str) -> None:
                 if st.final is not None:
                     break
             assert (math.isnan(first) and math.isnan(got[k, d])) or first == got[k, d], (k, d)
+
+
+@pytest.mark.parametrize("key,value,word", [("rollback_threshold", 2, "never"),
+                                            ("rollback_threshold", -0.1, "always"),
+                                            ("clean_threshold", -0.2, "always")])
+def test_config_thresholds_outside_the_score_range_are_refused(key: str, value: float,
+                                                               word: str) -> None:
+    """Issue 16 #9: policy.rollback_threshold=2 (scores live in [0, 1]) was accepted silently."""
+    data = {**BASE, "rollback_threshold": 0.5, key: value}
+    with pytest.raises(ConfigError, match=rf"policy\.{key}={value!r} is outside the score's "
+                                          rf"range \[0, 1\].*would {word} be crossed.*"
+                                          rf"e\.g\. policy\.{key}=0\.5"):
+        PolicyConfig.from_mapping(data)
+    assert PolicyConfig.from_mapping({**BASE, "rollback_threshold": 1.0}).rollback_threshold == 1.0

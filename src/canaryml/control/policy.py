@@ -88,8 +88,19 @@ class PolicyConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PolicyConfig:
+        """From user config: also requires the thresholds to lie in the score's range [0, 1]
+        (library code may still build out-of-range sentinels, e.g. 2.0 = never roll back)."""
         reject_unknown_keys(data, (f.name for f in fields(cls)), "policy config")
-        return cls(**dict(data))
+        cfg = cls(**dict(data))
+        for name in ("rollback_threshold", "clean_threshold"):
+            value = getattr(cfg, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(
+                    f"policy.{name}={value!r} is outside the score's range [0, 1]: the scorer's "
+                    "calibrated score never goes beyond it, so this threshold would "
+                    f"{'never' if value > 1 else 'always'} be crossed. Use a value in [0, 1], "
+                    f"e.g. policy.{name}=0.5 (conf/policy/*.yaml).")
+        return cfg
 
     def with_threshold(self, threshold: float) -> PolicyConfig:
         """Copy at another rollback threshold (the clean threshold keeps its offset)."""
