@@ -7,6 +7,11 @@ query runs over start..end at the step and the returned series become long sampl
 that returns several series, e.g. one per pod, keeps them apart as `instance`s; the canonical
 writer averages them per group).
 
+`baseline` says where the baseline group comes from: `selector` (default) runs the queries with
+`selectors.baseline` over the same window; `history` runs them with the canary selector over the
+window `history_offset_s` earlier and re-stamps the result onto the deployment's window (for
+services with one replica, no live baseline exists); `none` writes the canary group only.
+
 `PrometheusClient` is the reusable HTTP client (the live source uses it too).
 """
 
@@ -37,6 +42,7 @@ from canaryml.ingest import Ingested
 log = logging.getLogger(__name__)
 
 PLACEHOLDER = "{selector}"
+BASELINES = ("selector", "history", "none")
 MAX_POINTS = 11_000  # Prometheus refuses range queries over 11 000 points per series
 
 
@@ -183,11 +189,13 @@ def _deployments(deployments: Sequence[Mapping[str, Any]] | None,
 def read(url: str, queries: Mapping[str, str], selectors: Mapping[str, str], *,
          step_s: int, deployments: Sequence[Mapping[str, Any]] | None = None,
          deployments_file: str | Path | None = None, timeout_s: float = 10.0,
-         retries: int = 3, client: PrometheusClient | None = None) -> Ingested:
+         retries: int = 3, client: PrometheusClient | None = None,
+         baseline: str = "selector", history_offset_s: float = 3600.0) -> Ingested:
     """Run every (deployment, group, metric) range query and validate the result as a bundle.
 
     `queries`: metric → PromQL template with `{selector}`; `selectors`: group (`canary`,
     optionally `baseline`) → label matchers, which may use `{deployment}` and `{service}`.
+    `baseline`: `selector` | `history` (canary selector, `history_offset_s` earlier) | `none`.
     """
     if not queries:
         raise ConfigError("ingest.prometheus.queries is empty; give one PromQL per metric")
@@ -195,6 +203,18 @@ def read(url: str, queries: Mapping[str, str], selectors: Mapping[str, str], *,
     if unknown or "canary" not in selectors:
         raise ConfigError(f"ingest.prometheus.selectors has groups {sorted(selectors)}; it needs "
                           "canary and optionally baseline")
+    if baseline not in BASELINES:
+        raise ConfigError(f"ingest.prometheus.baseline={baseline!r} is not one of "
+                          f"{'|'.join(BASELINES)}")
+    if baseline == "history" and not history_offset_s > 0:
+        raise ConfigError(f"ingest.prometheus.history_offset_s={history_offset_s} must be > 0 "
+                          "seconds for baseline: history")
+    # (group, selector template, shift s): the query window is [start - shift, end - shift]
+    plan: list[tuple[str, str, float]] = [("canary", selectors["canary"], 0.0)]
+    if baseline == "selector" and "baseline" in selectors:
+        plan.append(("baseline", selectors["baseline"], 0.0))
+    elif baseline == "history":
+        plan.append(("baseline", selectors["canary"], float(history_offset_s)))
     for template in queries.values():
         render(template, "")
     deps = _deployments(deployments, deployments_file)
@@ -205,19 +225,20 @@ def read(url: str, queries: Mapping[str, str], selectors: Mapping[str, str], *,
     ends_s = deps["end"].astype("int64").to_numpy() / 1e6
     for i, dep in enumerate(deps.itertuples(index=False)):
         start_s, end_s = float(starts_s[i]), float(ends_s[i])
-        for group, sel_template in selectors.items():
+        for group, sel_template, shift in plan:
             selector = sel_template.replace("{deployment}", str(dep.deployment_id)).replace(
                 "{service}", str(dep.service))
             for metric, template in queries.items():
                 n_queries += 1
-                series = client.query_range(render(template, selector), start_s, end_s, step_s)
+                series = client.query_range(render(template, selector), start_s - shift,
+                                            end_s - shift, step_s)
                 if not series:
                     n_empty += 1
                     continue
                 for s in series:
                     frames.append(pd.DataFrame({
-                        "timestamp": pd.to_datetime(np.round(s.timestamps_s * 1e6).astype(
-                            np.int64), unit="us", utc=True),
+                        "timestamp": pd.to_datetime(np.round((s.timestamps_s + shift) * 1e6)
+                                                    .astype(np.int64), unit="us", utc=True),
                         "deployment_id": str(dep.deployment_id), "group": group,
                         "metric": metric, "value": s.values,
                         "instance": s.labels.get("instance", "") if len(series) > 1 else ""}))
@@ -233,5 +254,9 @@ def read(url: str, queries: Mapping[str, str], selectors: Mapping[str, str], *,
     return Ingested(bundle=bundle, source="prometheus", native_step_s=int(step_s),
                     extra_manifest={"prometheus": {"url": url, "queries": dict(queries),
                                                    "selectors": dict(selectors),
+                                                   "baseline": baseline,
+                                                   "history_offset_s": (
+                                                       float(history_offset_s)
+                                                       if baseline == "history" else None),
                                                    "queries_run": n_queries,
                                                    "queries_empty": n_empty}})

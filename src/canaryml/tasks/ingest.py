@@ -52,7 +52,9 @@ def read_source(source: str, input_dir: Path | None, icfg: dict[str, Any]) -> In
             str(pcfg.get("url", "http://127.0.0.1:9090")), pcfg.get("queries") or {},
             pcfg.get("selectors") or {}, step_s=int(pcfg.get("step_s", 15)),
             deployments=pcfg.get("deployments") or None, deployments_file=dfile,
-            timeout_s=float(pcfg.get("timeout_s", 10.0)), retries=int(pcfg.get("retries", 3)))
+            timeout_s=float(pcfg.get("timeout_s", 10.0)), retries=int(pcfg.get("retries", 3)),
+            baseline=str(pcfg.get("baseline", "selector")),
+            history_offset_s=float(pcfg.get("history_offset_s", 3600)))
     raise ConfigError(f"source={source!r} is not one of {', '.join(SOURCES)}")
 
 
