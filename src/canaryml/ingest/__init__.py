@@ -1,8 +1,9 @@
 """Telemetry readers (DESIGN §3): every source becomes a validated bundle, then one writer.
 
 Each reader returns an `Ingested`: the validated `Bundle` (deployments + long samples), the
-source's native step, optional per-timestamp anomaly labels (SMD, NAB) and catalog entries for
-metrics the default catalog does not know (`smd_00`…, NAB `value`). `ingest()` writes it as the
+source's native step, optional per-timestamp anomaly labels (SMD, NAB), catalog entries for
+metrics the default catalog does not know (`smd_00`…, NAB `value`) and, for sources whose units
+differ from the default catalog (Nezha), the source's own catalog. `ingest()` writes it as the
 canonical dataset (DESIGN §2.3) with `write_canonical`.
 """
 
@@ -19,7 +20,7 @@ from canaryml.data.contract import Bundle
 from canaryml.data.dataset import write_canonical
 from canaryml.errors import ConfigError
 
-SOURCES = ("bundle", "smd", "nab", "prometheus")
+SOURCES = ("bundle", "smd", "nab", "prometheus", "nezha")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class Ingested:
     native_step_s: int
     point_labels: pd.DataFrame | None = None  # deployment_id, timestamp (UTC), anomaly (0/1)
     metrics: tuple[MetricSpec, ...] = ()  # catalog entries for metrics the catalog lacks
+    # the source's own catalog (Nezha: conf/metrics/nezha.yaml): its entries win over the
+    # command's `metrics` catalog, which only fills in metrics it does not define
+    catalog: Catalog | None = None
     extra_manifest: dict[str, Any] = field(default_factory=dict)
 
 
@@ -48,6 +52,8 @@ def write_ingested(ingested: Ingested, out: str | Path, *, catalog: Catalog,
         raise ConfigError(f"ingest.step_s={step_s} must be a positive number of seconds or null")
     extra = {**ingested.extra_manifest, "name": name or Path(out).name,
              "native_step_s": int(ingested.native_step_s)}
+    if ingested.catalog is not None:
+        catalog = extend_catalog(ingested.catalog, catalog.metrics)
     return write_canonical(ingested.bundle, out, step_s=step,
                            catalog=extend_catalog(catalog, ingested.metrics),
                            source=ingested.source, point_labels=ingested.point_labels,

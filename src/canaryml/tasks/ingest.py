@@ -1,4 +1,4 @@
-"""`canaryml ingest source=bundle|smd|nab|prometheus input=DIR out=DIR` → canonical dataset."""
+"""`canaryml ingest source=bundle|smd|nab|prometheus|nezha input=DIR out=DIR` → canonical dataset."""
 
 from __future__ import annotations
 
@@ -55,6 +55,10 @@ def read_source(source: str, input_dir: Path | None, icfg: dict[str, Any]) -> In
             timeout_s=float(pcfg.get("timeout_s", 10.0)), retries=int(pcfg.get("retries", 3)),
             baseline=str(pcfg.get("baseline", "selector")),
             history_offset_s=float(pcfg.get("history_offset_s", 3600)))
+    if source == "nezha":
+        from canaryml.ingest import nezha
+
+        return nezha.read(input_dir, icfg.get("nezha") or {})
     raise ConfigError(f"source={source!r} is not one of {', '.join(SOURCES)}")
 
 
@@ -65,6 +69,8 @@ def run(cfg: DictConfig) -> int:
     out = _resolve(cfg.out)
     if out is None:  # data/processed/<input folder name>; smd/nab defaults and prometheus
         name = input_dir.name if input_dir is not None and source != "prometheus" else source
+        if source == "nezha" and name != "nezha":  # a day folder: nezha-2022-08-22
+            name = f"nezha-{name}"
         out = repo_root() / "data" / "processed" / name
     # before reading: never replace the input or a folder that is not a canonical dataset
     check_output_dir(out, marker=MANIFEST, owns=OWNS_DATASET, inputs=[input_dir],
