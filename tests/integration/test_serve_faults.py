@@ -227,6 +227,30 @@ def test_discovery_reports_the_rollout_revision_the_verdict_board_trusts(
     assert board.observe_revision("web", "forged") == float("inf")  # unauthenticated: ignored
 
 
+def test_a_corrupt_decision_log_is_moved_aside_not_a_crash_loop(
+        mlflow_uri: str, tmp_path: Path, tiny_scorer_dir: Path) -> None:  # noqa: F811
+    """Issue 16 #8: a damaged decision log (here: a bad header) raised sqlite3.DatabaseError at
+    every start. serve moves it aside, says where, counts it, and runs on a fresh log."""
+    serve = serve_cfg(tmp_path, f"serve.model={tiny_scorer_dir}")
+    serve["deployments"] = [{"id": "web"}]
+    (tmp_path / "decisions.sqlite").write_bytes(b"garbage, not SQLite" + bytes(8192))
+    for attempt in range(2):  # and the next start is clean
+        svc = serve_task.build(serve, POLICY, source=ReplaySource({"web": arrays("web", bad=False)}),
+                               actuator=DryRunActuator())
+        try:
+            assert svc.run(max_ticks=1) == 1
+            assert svc.server is not None
+            count = 'canaryml_errors_total{kind="decision_log"} 1.0' in requests.get(
+                f"{svc.server.url}/metrics", timeout=5).text
+            assert count == (attempt == 0)
+        finally:
+            svc.close()
+    (aside,) = tmp_path.glob("decisions.sqlite.corrupt-*")
+    assert aside.read_bytes().startswith(b"garbage, not SQLite")  # kept for the audit trail
+    with DecisionLog(tmp_path / "decisions.sqlite") as log:
+        assert [e.step for e in log.entries("web")] == [0, 1]
+
+
 def test_registry_unreachable_pauses_without_a_model(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")

@@ -58,3 +58,37 @@ def test_format_without_score() -> None:
 def test_directory_path_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is a directory"):
         DecisionLog(tmp_path)
+
+
+def _half_file(path: Path) -> None:
+    with DecisionLog(path) as log:
+        for step in range(400):  # several pages, so half the file loses table pages
+            log.record("d1", step, Decision(Action.CONTINUE, "x" * 200, 0.1))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage", ["bad_header", "half_file"])
+def test_a_corrupt_log_names_the_file_and_the_recovery(tmp_path: Path, damage: str) -> None:
+    """Issue 16 #8: a raw sqlite3.DatabaseError on every restart became a clear message."""
+    from canaryml.serving.decision_log import DecisionLogError
+
+    path = tmp_path / "decisions.sqlite"
+    if damage == "bad_header":
+        path.write_bytes(b"this is not SQLite" + bytes(4096))
+    else:
+        _half_file(path)
+    with pytest.raises(DecisionLogError) as exc:
+        DecisionLog(path)
+    msg = str(exc.value)
+    assert f"decision log {path} is corrupt" in msg
+    assert f"mv {path} {path}.corrupt" in msg and "resumes from the state it reads in Kubernetes" in msg
+    assert path.is_file()  # the default mode touches nothing
+
+    with DecisionLog(path, on_corrupt="move_aside") as log:  # what `canaryml serve` uses
+        assert log.moved_aside is not None and log.moved_aside.name.startswith(
+            "decisions.sqlite.corrupt-")
+        assert log.moved_aside.is_file() and log.entries() == []
+        log.record("d1", 0, Decision(Action.PAUSE, "fresh", None))
+    with DecisionLog(path) as log:
+        assert [e.reasons for e in log.entries()] == [("fresh",)] and log.moved_aside is None

@@ -10,6 +10,13 @@ Write order, so that a crash never acts twice and never loses an entry:
 After a crash between 1 and 3, `pending()` lists the intents that were never marked; the
 controller re-applies them, which the actuators' idempotency turns into a no-op when the first
 attempt had landed. Kafka offsets are committed only after step 1 (see `KafkaSource.ack`).
+
+A corrupt file (truncated, bad header, failed `PRAGMA quick_check`) raises `DecisionLogError`
+naming the file and the recovery; with `on_corrupt="move_aside"` (what `canaryml serve` uses,
+so a bad file cannot crash-loop the controller) it is renamed to
+`<name>.corrupt-<UTC time>` (with its -wal/-shm files) and a fresh log is started: the
+controller then decides from what it reads in Kubernetes, and `moved_aside` says where the old
+file went.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from canaryml.control.types import Action, Decision
-from canaryml.errors import ConfigError
+from canaryml.errors import CanarymlError, ConfigError
 
 log = logging.getLogger(__name__)
 decision_log = logging.getLogger("canaryml.decision")  # one key=value line per decision
@@ -107,20 +114,66 @@ def format_decision(deployment_id: str, step: int, decision: Decision, *,
     return " ".join(f"{k}={q(v)}" for k, v in parts)
 
 
-class DecisionLog:
-    """SQLite-backed, thread-safe. One row per (deployment, policy, step); survives restarts."""
+class DecisionLogError(CanarymlError):
+    """The decision log file is not a readable SQLite database (truncated, overwritten)."""
 
-    def __init__(self, path: str | Path) -> None:
+
+def _open(path: Path) -> sqlite3.Connection:
+    """Connect, check integrity, create the schema; `DecisionLogError` when the file is corrupt
+    (an OperationalError — locked, unwritable, disk full — is not corruption: it propagates)."""
+    db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # an entry on disk survives power loss
+        check = [str(r[0]) for r in db.execute("PRAGMA quick_check").fetchall()]
+        if check != ["ok"]:
+            raise DecisionLogError("; ".join(check[:3]))
+        db.executescript(SCHEMA)
+    except sqlite3.OperationalError:
+        db.close()
+        raise
+    except (sqlite3.DatabaseError, DecisionLogError) as exc:
+        db.close()
+        raise DecisionLogError(
+            f"decision log {path} is corrupt ({exc}). Recovery: stop the controller, move the "
+            f"file aside (e.g. `mv {path} {path}.corrupt`, with any {path.name}-wal/-shm next "
+            "to it) and start again: a new log is created and the controller resumes from the "
+            "state it reads in Kubernetes (replicas, canaryml.io/* annotations); keep the old "
+            "file for the audit trail. `canaryml serve` does this itself.") from exc
+    return db
+
+
+class DecisionLog:
+    """SQLite-backed, thread-safe. One row per (deployment, policy, step); survives restarts.
+
+    `on_corrupt`: "raise" (`DecisionLogError`) or "move_aside" (rename the corrupt file to
+    `<name>.corrupt-<UTC time>`, start a fresh log, record where in `moved_aside`)."""
+
+    def __init__(self, path: str | Path, *, on_corrupt: str = "raise") -> None:
         self.path = Path(path)
+        if on_corrupt not in ("raise", "move_aside"):
+            raise ConfigError(f"on_corrupt={on_corrupt!r} must be raise or move_aside")
         if self.path.is_dir():
             raise ConfigError(f"decision log {self.path} is a directory; give a file path such as "
                               "data/serve/decisions.sqlite (serve.decision_log)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # an entry on disk survives power loss
-        self._db.executescript(SCHEMA)
+        self.moved_aside: Path | None = None
+        try:
+            self._db = _open(self.path)
+        except DecisionLogError as exc:
+            if on_corrupt == "raise":
+                raise
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            self.moved_aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+            for suffix in ("", "-wal", "-shm"):
+                src = self.path.with_name(self.path.name + suffix)
+                if src.exists():
+                    src.replace(self.moved_aside.with_name(self.moved_aside.name + suffix))
+            log.error("decision log %s is corrupt (%s); moved it aside to %s and started a new "
+                      "log: deployments are decided afresh from the state in Kubernetes",
+                      self.path, exc.__cause__ or exc, self.moved_aside)
+            self._db = _open(self.path)
 
     def close(self) -> None:
         with self._lock:

@@ -363,7 +363,10 @@ def build(serve: Mapping[str, Any], policy: PolicyConfig, *, catalog_names: Iter
                              metrics=metrics, health=health)
     else:
         holder.metrics, holder.health = metrics, health
-    decision_log = DecisionLog(serve["decision_log"])
+    # a corrupt log is moved aside (and said so), never a crash loop at every start
+    decision_log = DecisionLog(serve["decision_log"], on_corrupt="move_aside")
+    if decision_log.moved_aside is not None:
+        metrics.error("decision_log")
     server = board = None
     try:
         holder.start()
