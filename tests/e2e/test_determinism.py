@@ -58,6 +58,8 @@ def _comparable(summary: dict[str, Any]) -> dict[str, Any]:
     for m in s["policies"].values():
         m.pop("replay_wall_s")
     s["dataset"].pop("path")
+    for corpus in s["dataset"]["corpora"].values():
+        corpus.pop("path")
     s.pop("model")  # the scorer directory of each run
     return s
 

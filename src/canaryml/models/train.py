@@ -233,15 +233,7 @@ def train_scorer(dataset: CanonicalDataset, spec: TrainSpec, *, work_dir: Path |
                        catalog=catalog,
                        detectors={"app": None, "infra": None}, calibration=dummy,
                        weights=spec.weights, step_s=dataset.step_s, gap_scale=gap_scale)
-    half = max(1, len(val_items) // 2) if len(val_items) > 1 else 1
-    fit_items = val_items[:half]
-    cal_items = val_items[half:] or val_items
-
-    def has_normal(items: Sequence[tuple[DeploymentArrays, DeploymentInfo]]) -> bool:
-        return any(healthy_mask(a.timestamps_s, i.label, i.fault_onset_s).any() for a, i in items)
-
-    if not (has_normal(fit_items) and has_normal(cal_items)):  # e.g. val = [healthy, faulty]
-        fit_items, cal_items = val_items[0::2], val_items[1::2] or val_items
+    fit_items, cal_items = _detector_calibration_split(val_items, train_items)
     fit_comps = _healthy_components(pre, fit_items)
     detectors: dict[str, ResidualDetector | None] = {}
     for kind, mask in (("app", pre._is_app), ("infra", ~pre._is_app)):
@@ -291,6 +283,32 @@ def _gap_scale(scaler: Scaler, items: Sequence[tuple[DeploymentArrays, Deploymen
         q25, q75 = np.nanpercentile(g, [25, 75], axis=0)
     s = (q75 - q25) / 1.349
     return np.where(np.isfinite(s) & (s > 0.05), s, 0.05).astype(np.float32)
+
+
+def _detector_calibration_split(val_items: Sequence[tuple[DeploymentArrays, DeploymentInfo]],
+                                train_items: Sequence[tuple[DeploymentArrays, DeploymentInfo]]
+                                ) -> tuple[list[tuple[DeploymentArrays, DeploymentInfo]],
+                                           list[tuple[DeploymentArrays, DeploymentInfo]]]:
+    """Validation deployments with healthy ticks, alternately to the detector fit and to the
+    calibration (so both halves get healthy deployments and faulty ones' pre-onset spans alike;
+    a fault present from the first sample has no healthy tick and is left out). With one such
+    deployment both use it; with none, the training deployments stand in (warned)."""
+    def normal(items: Sequence[tuple[DeploymentArrays, DeploymentInfo]]
+               ) -> list[tuple[DeploymentArrays, DeploymentInfo]]:
+        return [(a, i) for a, i in items
+                if healthy_mask(a.timestamps_s, i.label, i.fault_onset_s).any()]
+
+    usable = normal(val_items)
+    if not usable:
+        log.warning("no validation deployment has healthy ticks; the detectors and the "
+                    "calibration use the training deployments (optimistic: give more healthy "
+                    "deployments or a larger trainer.val_fraction)")
+        usable = normal(train_items)
+    if len(usable) == 1:
+        log.warning("one validation deployment with healthy ticks: the detectors and the "
+                    "calibration share it (give more healthy deployments for a reliable threshold)")
+        return usable, usable
+    return usable[0::2], usable[1::2]
 
 
 def _healthy_components(scorer: CanaryScorer, items: Sequence[tuple[DeploymentArrays, DeploymentInfo]]

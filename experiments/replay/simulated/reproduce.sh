@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Reproduces experiments/replay/simulated/ under the honest protocol (DESIGN §7), from the repo
+# root: bash experiments/replay/simulated/reproduce.sh   (about 40 min on 2 cores)
+#
+#   training corpus     seed 0,  200 deployments  → the LSTM and Transformer scorers
+#   calibration corpus  seed 10, 200 deployments  → every policy's threshold and knobs
+#   evaluation corpora  seeds 1, 2, 3, 200 each   → replayed once, labels hidden
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+C=${CANARYML:-.venv/bin/canaryml}
+export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/data/experiments-mlflow.db}
+mkdir -p data
+
+corpus() {  # name seed
+  [ -f "data/processed/sim-$1/manifest.json" ] && return
+  $C simulate out="data/raw/sim-$1" n=200 seed="$2"
+  $C ingest source=bundle input="data/raw/sim-$1" out="data/processed/sim-$1"
+}
+corpus train 0
+corpus calib 10
+for s in 1 2 3; do corpus "eval$s" "$s"; done
+
+[ -f models/sim-lstm/scorer.json ] || \
+  $C train dataset=data/processed/sim-train scorer_out=models/sim-lstm seed=0
+[ -f models/sim-transformer/scorer.json ] || \
+  $C train dataset=data/processed/sim-train forecaster=transformer scorer_out=models/sim-transformer seed=0
+
+$C replay model=models/sim-lstm \
+  'dataset=[data/processed/sim-eval1,data/processed/sim-eval2,data/processed/sim-eval3]' \
+  replay.calibration.dataset=data/processed/sim-calib \
+  'replay.policies=[scorer,scorer_forecast,scorer_detector,argo,kayenta]' \
+  +replay.models.scorer_transformer=models/sim-transformer \
+  out=experiments/replay/simulated
