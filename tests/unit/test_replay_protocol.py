@@ -205,3 +205,21 @@ def test_calibration_corpus_equal_to_an_evaluation_corpus_is_refused(
     with pytest.raises(ConfigError, match="calibration"):
         task.run(cfg)
     assert not (tmp_path / "o").exists()
+
+
+def test_argo_limits_relative_to_the_baseline_for_metrics_without_an_slo() -> None:
+    from canaryml.control.types import Window
+
+    cat = Catalog.from_mapping({"latency_p99": {"kind": "app", "direction": "up"}})
+    b = PolicyBuilder(cat, ("latency_p99",), 60.0, PolicyConfig(warmup_s=0), {})
+    with pytest.raises(Exception, match="limits_relative_to=baseline"):
+        b.build("argo", {"metrics": "all", "limit_fraction": 1.0, "failure_limit": 1,
+                         "measure_s": 120})
+    judge = b.build("argo", {"metrics": "all", "limit_fraction": 1.5, "failure_limit": 1,
+                             "measure_s": 120, "limits_relative_to": "baseline"}).policy
+    ts = np.arange(4, dtype=np.int64) * 60
+    base = np.full((4, 1), 0.2, np.float32)
+    for factor, want in ((1.4, "continue"), (1.6, "rollback")):
+        w = Window("d", 180.0, ts, base * factor, base, ("latency_p99",))
+        d, _ = judge.step(w, 180.0, judge.initial_state())
+        assert d.action == want

@@ -111,7 +111,10 @@ class ThresholdJudge:
     is aborted after `failure_limit` consecutive failed measurements.
 
     Score = clip(max(value/limit) / 2, 0, 1), threshold 0.5 (so `score > 0.5` ⇔ some metric over
-    its limit); sweeping the threshold sweeps the limits by the same factor."""
+    its limit); sweeping the threshold sweeps the limits by the same factor.
+
+    `relative_to_baseline`: a limit is a ratio to the baseline group's mean over the same
+    window (`canary / stable < 1.2` in an AnalysisTemplate), for metrics without an SLO."""
 
     limits: Mapping[str, float] = field(
         default_factory=lambda: {"error_rate": 0.05, "latency_p99": 1.0})
@@ -120,6 +123,7 @@ class ThresholdJudge:
     base: PolicyConfig = field(default_factory=PolicyConfig)
     name: str = "argo"
     step_s: float = 15.0
+    relative_to_baseline: bool = False
 
     def __post_init__(self) -> None:
         self.rollback = RollbackPolicy(replace(
@@ -141,8 +145,17 @@ class ThresholdJudge:
         for metric, limit in self.limits.items():
             if metric not in window.metrics:
                 continue
-            col = window.canary[rows, window.metrics.index(metric)]
+            j = window.metrics.index(metric)
+            col = window.canary[rows, j]
             col = col[np.isfinite(col)]
+            if self.relative_to_baseline:
+                if window.baseline is None:
+                    raise ValueError("limits relative to the baseline need a baseline group")
+                ref = window.baseline[rows, j]
+                ref = ref[np.isfinite(ref)]
+                if not len(ref) or float(ref.mean()) <= 0:
+                    continue
+                limit = limit * float(ref.mean())
             if len(col):
                 values[metric] = float(col.mean())
                 ratios.append(values[metric] / limit)
@@ -154,12 +167,15 @@ class ThresholdJudge:
              failure: str | None = None) -> tuple[Decision, PolicyState]:
         if failure is not None or window is None:
             return self.rollback.decide(None, now_s, state, failure=failure or "no window")
-        score, values = self.measure(window)
+        try:
+            score, values = self.measure(window)
+        except ValueError as exc:
+            return self.rollback.decide(None, now_s, state, failure=str(exc))
         if score is None:
             return self.rollback.decide(
                 None, now_s, state, failure=f"no measurement for {sorted(self.limits)}")
-        over = [f"{m}={v:.4g}>{self.limits[m]:.4g}" for m, v in values.items()
-                if v > self.limits[m]]
+        over = [f"{m}={v:.4g} over its limit" for m, v in values.items()
+                if v > self.limits[m] and not self.relative_to_baseline]
         return self.rollback.decide(score, now_s, state, reasons=over,
                                     evidence={"measurements": values})
 

@@ -73,7 +73,8 @@ def configured_settings(name: str, models: Mapping[str, str], pcfg: PolicyConfig
                 "consecutive_breaches": pcfg.consecutive_breaches}
     if fam == "argo":
         a = rcfg["argo"]
-        return {"metrics": list(a["metrics"]), "limit_fraction": float(a["limit_fraction"]),
+        return {"metrics": a["metrics"], "limit_fraction": float(a["limit_fraction"]),
+                "limits_relative_to": str(a.get("limits_relative_to", "slo")),
                 "failure_limit": int(a["failure_limit"]), "measure_s": float(a["measure_s"])}
     k = rcfg["kayenta"]
     return {"metrics": k.get("metrics", "all"), "interval_s": float(k["interval_s"]),
@@ -188,17 +189,22 @@ class PolicyBuilder:
             frac = float(s["limit_fraction"])
             if frac <= 0:
                 raise ConfigError(f"replay.argo.limit_fraction={frac} must be > 0")
+            rel = s.get("limits_relative_to", "slo")
+            if rel not in ("slo", "baseline"):
+                raise ConfigError(f"replay.argo.limits_relative_to={rel!r}; use slo or baseline")
             limits = {}
             for m in metric_set(s["metrics"], self.catalog, self.metrics, "replay.argo.metrics"):
                 slo = self.catalog.get(m).slo
-                if slo is None:
+                if rel == "slo" and slo is None:
                     raise ConfigError(f"replay.argo.metrics: {m!r} has no SLO in the metric "
                                       "catalog, so its limit (limit_fraction × SLO) is undefined;"
-                                      " give it an `slo` in conf/metrics or drop it")
-                limits[m] = frac * float(slo)
+                                      " give it an `slo` in conf/metrics, drop it, or set "
+                                      "replay.argo.limits_relative_to=baseline")
+                limits[m] = frac * (float(slo) if rel == "slo" else 1.0)  # type: ignore[arg-type]
             return ReplayPolicy(ThresholdJudge(limits, int(s["failure_limit"]),
                                                float(s["measure_s"]), self.pcfg, name=label,
-                                               step_s=self.step_s))
+                                               step_s=self.step_s,
+                                               relative_to_baseline=rel == "baseline"))
         kc = KayentaConfig(confidence=float(s["confidence"]), tolerance=float(s["tolerance"]),
                            pass_threshold=float(s["pass_threshold"]),
                            marginal_threshold=float(s["marginal_threshold"]),
