@@ -51,6 +51,11 @@ data never promotes (the same fail-safe as the policy).
 Auth: with a token, every ``/api/`` route needs ``Authorization: Bearer <token>`` (enforced by
 `ObservabilityServer`); Flagger cannot send headers (fluxcd/flagger#1192), so its routes also
 accept ``metadata.token`` in the JSON body. `/metrics`, `/healthz`, `/livez` stay open.
+A server bound off loopback must have a token: `install` refuses otherwise unless
+``allow_unauthenticated`` (``serve.http.allow_unauthenticated`` or
+``CANARYML_HTTP_ALLOW_UNAUTHENTICATED=1``) says the network in front is trusted.
+Malformed input — names or ids that are not strings or longer than 253 characters, a
+non-string token, bad or deeply nested JSON — is a 400 with the reason, never a 500.
 """
 
 from __future__ import annotations
@@ -68,10 +73,12 @@ from typing import Any
 from canaryml.control.types import Action, Decision
 from canaryml.errors import ConfigError
 from canaryml.serving.server import (
+    BadRequest,
     ObservabilityServer,
     Request,
     Response,
     bearer_token,
+    is_loopback,
     token_matches,
 )
 
@@ -84,6 +91,8 @@ FLAGGER_CONFIRM_PROMOTION = "/api/v1/flagger/confirm-promotion"
 
 TOKEN_ENV = "CANARYML_HTTP_TOKEN"
 TOKEN_FILE_ENV = "CANARYML_HTTP_TOKEN_FILE"
+ALLOW_UNAUTHENTICATED_ENV = "CANARYML_HTTP_ALLOW_UNAUTHENTICATED"
+MAX_NAME_LEN = 253  # a Kubernetes object name (DNS subdomain) is at most 253 characters
 
 PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
 TERMINAL = frozenset({Action.ROLLBACK, Action.PROMOTE})
@@ -326,6 +335,17 @@ class VerdictBoard:
 
 
 # --------------------------------------------------------------------------------- handlers
+def _name(value: object, field: str) -> str | None:
+    """A name/id/revision from a request: None, or a string of at most MAX_NAME_LEN chars."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"{field} must be a string, got {type(value).__name__}")
+    if len(value) > MAX_NAME_LEN or any(ord(c) < 32 for c in value):
+        raise BadRequest(f"{field} must be at most {MAX_NAME_LEN} printable characters")
+    return value
+
+
 def _flagger_payload(req: Request) -> dict[str, Any] | Response:
     try:
         body = req.json()
@@ -340,12 +360,17 @@ def _flagger_payload(req: Request) -> dict[str, Any] | Response:
     return body
 
 
+def allow_unauthenticated_from_env(environ: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if environ is None else environ
+    return env.get(ALLOW_UNAUTHENTICATED_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
 def install(server: ObservabilityServer, board: VerdictBoard, *, token: str | None,
-            stale_after_s: float) -> None:
+            stale_after_s: float, allow_unauthenticated: bool = False) -> None:
     """Register the Argo and Flagger routes on `server`, answering from `board`.
 
-    `token`: bearer token for every `/api/` route (None = no auth; the server then should stay
-    on 127.0.0.1). `stale_after_s`: a non-terminal decision older than this is `inconclusive`
+    `token`: bearer token for every `/api/` route (None = no auth: `ConfigError` when the server
+    is bound off loopback, unless `allow_unauthenticated`). `stale_after_s`: a non-terminal decision older than this is `inconclusive`
     (use a few monitoring intervals).
     """
     if not stale_after_s > 0:
@@ -355,14 +380,24 @@ def install(server: ObservabilityServer, board: VerdictBoard, *, token: str | No
             raise ConfigError("the HTTP server already has a different bearer token; configure "
                               "one token (CANARYML_HTTP_TOKEN[_FILE])")
         server.token = token
-    elif server.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("the canaryml API on %s has no bearer token; anyone who reaches it can read "
-                    "verdicts — set CANARYML_HTTP_TOKEN_FILE", server.host)
+    elif not is_loopback(server.host):
+        if not allow_unauthenticated:
+            raise ConfigError(
+                f"the canaryml API would listen on {server.host} without a bearer token: anyone "
+                "who reaches it could read verdicts and trigger Flagger rollbacks. Set "
+                f"{TOKEN_FILE_ENV} (a mounted Secret) or {TOKEN_ENV}, bind 127.0.0.1 "
+                f"(serve.http.host, {ALLOW_UNAUTHENTICATED_ENV} unset), or — only behind a "
+                "network that already authenticates callers — set "
+                f"serve.http.allow_unauthenticated=true / {ALLOW_UNAUTHENTICATED_ENV}=1")
+        log.warning("the canaryml API on %s has no bearer token (allow_unauthenticated): anyone "
+                    "who reaches it can read verdicts", server.host)
 
     def argo_verdict(req: Request) -> Response:
-        canary_hash, stable_hash = req.arg("canary_hash"), req.arg("stable_hash")
-        dep, how = board.resolve(deployment=req.arg("deployment"), namespace=req.arg("namespace"),
-                                 name=req.arg("rollout"), revision=canary_hash)
+        canary_hash = _name(req.arg("canary_hash"), "canary_hash")
+        stable_hash = _name(req.arg("stable_hash"), "stable_hash")
+        dep, how = board.resolve(deployment=_name(req.arg("deployment"), "deployment"),
+                                 namespace=_name(req.arg("namespace"), "namespace"),
+                                 name=_name(req.arg("rollout"), "rollout"), revision=canary_hash)
         # with a token the server has already checked it: the caller is authenticated
         v = (degraded_verdict(None, how) if dep is None
              else board.verdict(dep, stale_after_s, revision=canary_hash,
@@ -388,10 +423,13 @@ def install(server: ObservabilityServer, board: VerdictBoard, *, token: str | No
             if isinstance(parsed, Response):
                 return parsed
             meta = parsed.get("metadata") or {}
-            dep, how = board.resolve(deployment=meta.get("deployment"),
-                                     namespace=parsed.get("namespace"), name=parsed.get("name"))
+            dep, how = board.resolve(deployment=_name(meta.get("deployment"),
+                                                      "metadata.deployment"),
+                                     namespace=_name(parsed.get("namespace"), "namespace"),
+                                     name=_name(parsed.get("name"), "name"))
+            checksum = _name(parsed.get("checksum"), "checksum")
             v = (degraded_verdict(None, how) if dep is None
-                 else board.verdict(dep, stale_after_s, revision=parsed.get("checksum"),
+                 else board.verdict(dep, stale_after_s, revision=checksum,
                                     trusted=server.token is not None))
             body = v.to_json() | {"phase": parsed.get("phase"), "webhook": kind}
             status = flagger_status(kind, v)

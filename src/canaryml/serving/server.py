@@ -13,6 +13,12 @@ Bearer token: with `token` set, every route under `/api/` needs `Authorization: 
 (compared in constant time) and answers 401 otherwise; `/metrics`, `/healthz` and `/livez`
 stay open. A route registered with `authenticates=True` checks credentials itself (Flagger
 webhooks, which cannot send headers, also accept the token in their JSON body).
+
+Hardening (before any routing or auth): a request body over `max_body_bytes` (default 1 MiB)
+is refused with 413 without being read, a bad or chunked `Content-Length` with 400/411; a
+connection that sends nothing for `read_timeout_s` (default 10 s) is closed (slow clients
+cannot hold threads); the listen backlog is `backlog` (default 128, not the stdlib's 5); JSON
+nested deeper than `MAX_JSON_DEPTH` is a 400, never a 500.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ class Request:
     headers: dict[str, str]
 
     def json(self) -> Any:
-        return json.loads(self.body or b"null")
+        """The body as JSON; `BadRequest` (answered 400) when it is not small, flat JSON."""
+        return parse_json(self.body)
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """Header value, case-insensitive (HTTP header names are)."""
@@ -63,6 +70,66 @@ class Request:
 
 HOST_ENV = "CANARYML_HTTP_HOST"
 API_PREFIX = "/api/"
+MAX_BODY_BYTES = 1 << 20  # webhook payloads are a few hundred bytes
+MAX_JSON_DEPTH = 32
+READ_TIMEOUT_S = 10.0
+BACKLOG = 128
+
+
+class BadRequest(ValueError):
+    """A request the server refuses with a 4xx (the message says what to send instead)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _depth(text: str) -> int:
+    """Maximum nesting of [ and { outside strings (cheap pre-check before json.loads)."""
+    depth = deepest = 0
+    in_str = escaped = False
+    for ch in text:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def parse_json(body: bytes) -> Any:
+    """JSON from a request body; `BadRequest` (400) for bad UTF-8, bad JSON or deep nesting."""
+    try:
+        text = body.decode("utf-8") if body else "null"
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"body is not UTF-8 JSON ({exc})") from exc
+    if _depth(text) > MAX_JSON_DEPTH:
+        raise BadRequest(f"body JSON is nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"body is not JSON ({exc})") from exc
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def default_host() -> str:
@@ -77,9 +144,13 @@ def bearer_token(req: Request) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
-def token_matches(given: str | None, expected: str) -> bool:
-    """Constant-time comparison (no timing oracle on the token)."""
-    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+def token_matches(given: object, expected: str) -> bool:
+    """Constant-time comparison (no timing oracle on the token); anything but a string (a
+    number or list in a JSON body, say) never matches."""
+    if not isinstance(given, str):
+        return False
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
+                               expected.encode("utf-8", "surrogateescape"))
 
 
 @dataclass(frozen=True)
@@ -168,7 +239,8 @@ class ObservabilityServer:
     """
 
     def __init__(self, metrics: ServeMetrics, health: Health, *, host: str | None = None,
-                 port: int = 0, token: str | None = None) -> None:
+                 port: int = 0, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+                 read_timeout_s: float = READ_TIMEOUT_S, backlog: int = BACKLOG) -> None:
         self.metrics = metrics
         self.health = health
         env_host = os.environ.get(HOST_ENV)
@@ -177,6 +249,9 @@ class ObservabilityServer:
         self.host = env_host or host or "127.0.0.1"
         self._port = port
         self.token = token or None
+        self.max_body_bytes = int(max_body_bytes)
+        self.read_timeout_s = float(read_timeout_s)
+        self.backlog = int(backlog)
         self._routes: dict[tuple[str, str], Handler] = {}
         self._self_auth: set[tuple[str, str]] = set()
         self._httpd: ThreadingHTTPServer | None = None
@@ -222,6 +297,8 @@ class ObservabilityServer:
             return Response.unauthorized("missing or wrong bearer token")
         try:
             return handler(req)
+        except BadRequest as exc:
+            return Response.json({"error": str(exc)}, exc.status)
         except Exception as exc:
             log.exception("http %s %s failed", req.method, req.path)
             self.metrics.error("http")
@@ -242,18 +319,39 @@ class ObservabilityServer:
 
         class _H(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = server.read_timeout_s  # socket timeout: a silent client is dropped
+
+            def _body(self) -> bytes:
+                """Read the body, or `BadRequest` before reading anything questionable."""
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    raise BadRequest("chunked bodies are not accepted; send Content-Length", 411)
+                raw = (self.headers.get("Content-Length") or "0").strip()
+                if not raw.isdigit():
+                    raise BadRequest(f"Content-Length {raw[:40]!r} is not a byte count")
+                length = int(raw)
+                if length > server.max_body_bytes:
+                    raise BadRequest(f"body of {length} bytes is over the limit of "
+                                     f"{server.max_body_bytes} bytes", 413)
+                return self.rfile.read(length) if length else b""
 
             def _serve(self) -> None:
                 parts = urlsplit(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                req = Request(self.command, parts.path, parse_qs(parts.query),
-                              self.rfile.read(length) if length else b"", dict(self.headers))
-                resp = server.dispatch(req)
+                try:
+                    body = self._body()
+                except BadRequest as exc:  # before routing and auth; the body stays unread
+                    self.close_connection = True
+                    resp = Response.json({"error": str(exc)}, exc.status)
+                else:
+                    req = Request(self.command, parts.path, parse_qs(parts.query), body,
+                                  dict(self.headers))
+                    resp = server.dispatch(req)
                 self.send_response(resp.status)
                 self.send_header("Content-Type", resp.content_type)
                 self.send_header("Content-Length", str(len(resp.body)))
                 for name, value in resp.headers:
                     self.send_header(name, value)
+                if self.close_connection:
+                    self.send_header("Connection", "close")
                 self.end_headers()
                 self.wfile.write(resp.body)
 
@@ -262,7 +360,10 @@ class ObservabilityServer:
             def log_message(self, fmt: str, *args: Any) -> None:
                 log.debug("http " + fmt, *args)
 
-        self._httpd = ThreadingHTTPServer((self.host, self._port), _H)
+        class _Server(ThreadingHTTPServer):
+            request_queue_size = self.backlog  # listen backlog (the stdlib default is 5)
+
+        self._httpd = _Server((self.host, self._port), _H)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="canaryml-http",
                                         daemon=True)

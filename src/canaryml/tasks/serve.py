@@ -385,7 +385,8 @@ def build(serve: Mapping[str, Any], policy: PolicyConfig, *, catalog_names: Iter
             h = dict(serve.get("http") or {})
             server = ObservabilityServer(metrics, health, host=h.get("host"),
                                          port=int(h.get("port") or 0))
-            board = _install_endpoints(server, deployments, stale_after_s=3 * interval_s)
+            board = _install_endpoints(server, deployments, stale_after_s=3 * interval_s,
+                                       allow_unauthenticated=bool(h.get("allow_unauthenticated")))
             server.start()
     except BaseException:
         holder.stop()
@@ -399,13 +400,15 @@ def build(serve: Mapping[str, Any], policy: PolicyConfig, *, catalog_names: Iter
 
 
 def _install_endpoints(server: ObservabilityServer, deployments: list[dict[str, Any]], *,
-                       stale_after_s: float) -> Any:
+                       stale_after_s: float, allow_unauthenticated: bool = False) -> Any:
     """The Argo/Flagger verdict endpoints (canaryml.serving.endpoints) on the same server."""
     from canaryml.serving import endpoints
 
     board = endpoints.VerdictBoard(deployments)
     endpoints.install(server, board, token=endpoints.token_from_env(),
-                      stale_after_s=stale_after_s)
+                      stale_after_s=stale_after_s,
+                      allow_unauthenticated=(allow_unauthenticated
+                                             or endpoints.allow_unauthenticated_from_env()))
     return board
 
 
