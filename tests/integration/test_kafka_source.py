@@ -42,7 +42,8 @@ def ev(dep: str, group: str, value: float, t: float, metric: str = "latency_p99"
 
 def source(broker: TansuBroker, group: str = "ctl") -> KafkaSource:
     return KafkaSource(broker.bootstrap, TOPIC, group, ["latency_p99", "error_rate"], step_s=10,
-                       buffer_steps=100, config=FAST)
+                       buffer_steps=100, config=FAST,
+                       clock=lambda: T0 + 60)  # the controller's clock on the events' time axis
 
 
 def until(cond: Callable[[], bool], timeout_s: float = 30.0, what: str = "") -> None:

@@ -43,7 +43,8 @@ def test_out_of_order_duplicates_and_late_events(source: KafkaSource) -> None:
     np.testing.assert_allclose(w.canary[:, 1], [np.nan, np.nan, np.nan, 0.01])
     assert w.baseline is not None and w.baseline[1, 0] == pytest.approx(0.2)
     assert source.stats == {"events": 5, "duplicates": 1, "late": 1, "out_of_order": 2,
-                            "invalid": 1, "unknown_metric": 1}
+                            "invalid": 1, "unknown_metric": 1, "non_finite": 0, "future": 0,
+                            "broker_down": 0}
     assert w.canary.dtype == np.float32
 
 
@@ -86,3 +87,23 @@ def test_a_quiet_topic_costs_one_wait_per_tick_not_one_per_deployment(
     for i in range(10):
         source.fetch(f"d{i}", now_s=1001, lookback=1)
     assert timeouts == [60.0] + [0] * 9
+
+
+def test_non_finite_and_future_events_are_counted_not_buffered() -> None:
+    """Issue 16 #7: NaN/Infinity values or timestamps (json.loads accepts them) and events
+    dated past max_future_s are rejected with a count, never raised or buffered."""
+    src = KafkaSource("127.0.0.1:9", "canary-telemetry", "g", ["latency_p99"], step_s=10,
+                      buffer_steps=6, max_future_s=60, clock=lambda: 1000.0)
+    try:
+        raw = '{{"deployment_id": "d1", "group": "canary", "metric": "latency_p99", ' \
+              '"value": {v}, "timestamp": {t}}}'
+        for off, (v, t) in enumerate([("NaN", "990"), ("-Infinity", "990"), ("0.5", "NaN"),
+                                      ("0.5", "1e400"), ("0.5", "1061"), ("0.4", "1060"),
+                                      ("0.3", "1010")]):
+            src._ingest(0, off, b"d1", raw.format(v=v, t=t).encode())
+        assert src.stats["non_finite"] == 4 and src.stats["future"] == 1
+        assert src.stats["events"] == 2  # 1060 is exactly max_future_s ahead: accepted
+        w = src.window("d1", now_s=1069, lookback=8)
+        assert w.canary[-1, 0] == pytest.approx(0.4) and w.canary[2, 0] == pytest.approx(0.3)
+    finally:
+        src.consumer.close()

@@ -50,7 +50,8 @@ def build_source(serve: Mapping[str, Any], metrics: Sequence[str]) -> MetricSour
         return KafkaSource(str(k["bootstrap_servers"]), str(k["topic"]), str(k["group_id"]),
                            list(metrics), step_s=step_s, buffer_steps=int(k["buffer_steps"]),
                            poll_timeout_s=float(k["poll_timeout_s"]),
-                           config={"session.timeout.ms": int(k["session_timeout_ms"])})
+                           config={"session.timeout.ms": int(k["session_timeout_ms"])},
+                           max_future_s=float(k.get("max_future_s", 300.0)))
     raise ConfigError(f"serve.source.kind={kind!r} is unknown; use prometheus or kafka")
 
 

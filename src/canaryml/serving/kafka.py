@@ -13,7 +13,13 @@ Event (JSON value, key = deployment_id)::
 - `enable.auto.commit=false`: `fetch()` remembers which offsets a window covered; the loop calls
   `ack(deployment_id)` after the decision is in the decision log, and only then are offsets
   committed — the lowest offset still needed by any undecided deployment of a partition.
-- When the broker is unreachable `fetch()` raises `SourceError` (the controller pauses).
+- When the broker is unreachable `fetch()` raises `SourceError` (the controller pauses);
+  `broker_down()` says so without fetching (serve reports it in `/healthz` as component
+  `kafka` and counts each outage), and `stats["broker_down"]` counts outages.
+- Rejected, counted in `stats` and never buffered: malformed events (`invalid`), a value or
+  timestamp that is NaN or infinite (`non_finite`), and an event dated more than
+  `max_future_s` after the controller's clock (`future`) — one such event would otherwise
+  become the buffer's newest slot and make every real event "late".
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import logging
 import math
 import time
 from collections import defaultdict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -49,10 +55,14 @@ class KafkaSource:
 
     def __init__(self, bootstrap_servers: str, topic: str, group_id: str, metrics: Sequence[str],
                  *, step_s: float, buffer_steps: int = 720, poll_timeout_s: float = 0.2,
-                 config: Mapping[str, Any] | None = None) -> None:
+                 config: Mapping[str, Any] | None = None, max_future_s: float = 300.0,
+                 clock: Callable[[], float] = time.time) -> None:
         if step_s <= 0 or buffer_steps < 1:
             raise ConfigError(f"step_s={step_s} must be > 0 and buffer_steps={buffer_steps} >= 1 "
                               "(serve.step_s, serve.source.kafka.buffer_steps)")
+        if not max_future_s >= 0:
+            raise ConfigError(f"max_future_s={max_future_s} must be >= 0 seconds "
+                              "(serve.source.kafka.max_future_s)")
         from confluent_kafka import Consumer
 
         self.topic = topic
@@ -61,6 +71,8 @@ class KafkaSource:
         self.step_s = float(step_s)
         self.buffer_steps = int(buffer_steps)
         self.poll_timeout_s = poll_timeout_s
+        self.max_future_s = float(max_future_s)
+        self.clock = clock
         self._last_wait = float("-inf")  # monotonic time of the last waiting poll in fetch()
         conf: dict[str, Any] = {
             "bootstrap.servers": bootstrap_servers,
@@ -84,7 +96,8 @@ class KafkaSource:
         self._committed: dict[int, int] = {}
         self._fetched: dict[str, dict[int, int]] = {}  # offsets a fetched window covered
         self._down: str | None = None
-        self.stats = {"events": 0, "duplicates": 0, "late": 0, "out_of_order": 0, "invalid": 0, "unknown_metric": 0}
+        self.stats = {"events": 0, "duplicates": 0, "late": 0, "out_of_order": 0, "invalid": 0,
+                      "unknown_metric": 0, "non_finite": 0, "future": 0, "broker_down": 0}
 
     # --- consumer-group callbacks ------------------------------------------------------------
     def _on_error(self, err: Any) -> None:
@@ -92,6 +105,8 @@ class KafkaSource:
 
         if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT,
                           KafkaError._RESOLVE) or err.fatal():
+            if self._down is None:
+                self.stats["broker_down"] += 1
             self._down = str(err)
         log.warning("kafka: %s", err)
 
@@ -160,10 +175,23 @@ class KafkaSource:
             val, ts = float(ev["value"]), parse_timestamp(ev["timestamp"])
             if group not in GROUPS:
                 raise ValueError(f"group {group!r}")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
             self.stats["invalid"] += 1
             log.warning("kafka: skipping invalid event at partition=%d offset=%d: %s",
                         partition, offset, exc)
+            return
+        if not (math.isfinite(val) and math.isfinite(ts)):
+            self.stats["non_finite"] += 1
+            log.warning("kafka: skipping event at partition=%d offset=%d for deployment=%s: "
+                        "value=%r timestamp=%r must be finite (send no event for a missed "
+                        "scrape)", partition, offset, dep, val, ts)
+            return
+        ahead_s = ts - self.clock()
+        if ahead_s > self.max_future_s:
+            self.stats["future"] += 1
+            log.warning("kafka: skipping event at partition=%d offset=%d for deployment=%s "
+                        "dated %.0f s in the future (> max_future_s=%g); check the producer's "
+                        "clock", partition, offset, dep, ahead_s, self.max_future_s)
             return
         if offset >= self._committed.get(partition, 0):  # history re-reads are never pending
             self._pending[partition].setdefault(dep, deque()).append(offset)
@@ -197,15 +225,23 @@ class KafkaSource:
         """Deployments seen on the partitions this replica currently holds."""
         return set(self._buf) | set(self._partition_of)
 
-    def _check_up(self) -> None:
+    def broker_down(self) -> str | None:
+        """Why the broker is unreachable, or None when it answers (probes it, ≤ 1 s, only
+        after the client reported it down)."""
         if self._down is None:
-            return
+            return None
         try:
             self.consumer.list_topics(self.topic, timeout=1.0)
         except Exception as exc:
-            raise SourceError(f"kafka broker unreachable ({self._down}; {exc}); check "
-                              "serve.source.kafka.bootstrap_servers and the broker") from exc
+            return (f"kafka broker unreachable ({self._down}; {exc}); check "
+                    "serve.source.kafka.bootstrap_servers and the broker")
         self._down = None
+        return None
+
+    def _check_up(self) -> None:
+        down = self.broker_down()
+        if down is not None:
+            raise SourceError(down)
 
     def fetch(self, deployment_id: str, now_s: float, lookback: int) -> Window:
         # wait for new events at most once per poll_timeout_s: a tick over N deployments must

@@ -193,6 +193,7 @@ class Service:
         self.entries = 0
         self._known: dict[str, dict[str, Any]] = {}
         self._discovered: list[str] = []
+        self._broker_down = False
         holder.on_swap = self._on_swap
         if holder.current is not None:
             self._on_swap(holder.current)
@@ -275,6 +276,8 @@ class Service:
         self.holder.swap_if_ready()
         if self.source is not None and hasattr(self.source, "poll") and hasattr(self.source, "owned"):
             self.source.poll(0)  # Kafka: learn the assignment before choosing deployments
+        if self.source is not None and hasattr(self.source, "broker_down"):
+            self._report_broker(self.source.broker_down())
         entries = self.loop.tick(self.deployment_ids())
         if self.board is not None:
             for e in entries:
@@ -282,6 +285,21 @@ class Service:
         self.ticks += 1
         self.entries += len(entries)
         return entries
+
+    def _report_broker(self, down: str | None) -> None:
+        """Kafka broker reachability in /healthz (`kafka`), each outage counted once in
+        canaryml_errors_total{kind="kafka_down"} — also when no deployment is owned, so no
+        fetch would ever fail and say so."""
+        if down is None:
+            if self._broker_down:
+                log.info("kafka broker reachable again")
+            self.loop.health.ok("kafka")
+        else:
+            if not self._broker_down:
+                self.loop.metrics.error("kafka_down")
+                log.error("%s", down)
+            self.loop.health.degraded("kafka", down)
+        self._broker_down = down is not None
 
     def run(self, *, max_ticks: int | None = None, duration_s: float | None = None,
             stop: threading.Event | None = None) -> int:
