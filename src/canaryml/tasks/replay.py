@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -222,8 +223,13 @@ def _report(out: Path, ds: CanonicalDataset, result: ReplayResult, policies: lis
         top = [m for m in top if m in arrays.metrics]
         pngs.append(report.plot_timeline(arrays, {str(k): v for k, v in d.items()}, scores, decisions,
                                          float(policies[0].policy.rollback.config.rollback_threshold),
-                                         top, out / f"incident_{dep_id}.png"))
+                                         top, out / f"incident_{_file_safe(dep_id)}.png"))
     report.write_html(summary, curve, pngs, out / "report.html")
+
+
+def _file_safe(name: str) -> str:
+    """A deployment id as one file-name component (ids such as `day/pod/fault-01` hold `/`)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
 def _eval_tags(cfg: DictConfig, summary: dict[str, Any]) -> dict[str, str]:
