@@ -1,14 +1,16 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from canaryml.control.controller import Controller
+from canaryml.control.controller import Controller, ControllerObserver, LogRecord
 from canaryml.control.policies import ScorerPolicy
 from canaryml.control.policy import PolicyConfig, RollbackPolicy
 from canaryml.control.types import ScoreResult, Window
 from canaryml.data.dataset import DeploymentArrays
-from canaryml.errors import SourceError
+from canaryml.errors import ActuatorError, ConfigError, SourceError
 from canaryml.models.synthetic import as_arrays, episode
 from canaryml.replay.runner import ReplayPolicy, replay, replay_deployment
 from canaryml.replay.sim import RecordingActuator, ReplaySource, SimulatedClock
@@ -101,3 +103,88 @@ def _deps(data: dict[str, DeploymentArrays]):  # type: ignore[no-untyped-def]
 
     return pd.DataFrame({"deployment_id": list(data), "label": "healthy",
                          "fault_onset_s": np.nan, "impact_at_s": np.nan})
+
+
+class _Watcher(ControllerObserver):
+    def __init__(self) -> None:
+        self.failures: list[tuple[str, str]] = []
+        self.unapplied: list[str] = []
+
+    def failed(self, kind: str, deployment_id: str, message: str) -> None:
+        self.failures.append((kind, message))
+
+    def apply_failed(self, record: LogRecord, exc: Exception) -> None:
+        self.unapplied.append(f"{record.step}:{exc}")
+
+
+class _Flipping:
+    """Down while `down` is set, else the replay data."""
+
+    def __init__(self, inner: ReplaySource) -> None:
+        self.inner, self.down = inner, True
+
+    def fetch(self, deployment_id: str, now_s: float, lookback: int) -> Window:
+        if self.down:
+            raise SourceError("prometheus unreachable")
+        return self.inner.fetch(deployment_id, now_s, lookback)
+
+
+@pytest.mark.parametrize("outcome", ["pause", "rollback"])
+def test_consecutive_error_limit_takes_the_configured_outcome(outcome: str) -> None:
+    """Source down for N ticks → the configured outcome, logged with the reason; then terminal."""
+    data = corpus(1)
+    a = data["d0"]
+    cfg = replace(CFG, consecutive_error_limit=3, error_limit_action=outcome)
+    watcher = _Watcher()
+    ctl = Controller(ScorerPolicy("m", GapZScorer(a.metrics), RollbackPolicy(cfg)),
+                     _Flipping(ReplaySource(data)), RecordingActuator(), observer=watcher)
+    t0 = float(a.timestamps_s[50])
+    recs = [ctl.step("d0", t0 + 30 * i) for i in range(3)]
+    assert [r.action for r in recs] == ["pause", "pause", outcome]
+    assert "consecutive_error_limit=3" in recs[-1].reason
+    assert "prometheus unreachable" in recs[-1].reason
+    assert [k for k, _ in watcher.failures] == ["source"] * 3
+    assert ctl.is_final("d0") and ctl.state("d0")["final"] == outcome
+    assert ctl.log == recs  # every tick, the outcome included, is in the decision log
+    ctl.source.down = False  # type: ignore[attr-defined]
+    assert ctl.step("d0", t0 + 90).action == outcome  # terminal: no new decisions
+
+
+def test_error_count_resets_on_a_usable_score_and_is_off_by_default() -> None:
+    data = corpus(1)
+    a = data["d0"]
+    src = _Flipping(ReplaySource(data))
+    cfg = replace(CFG, consecutive_error_limit=2, error_limit_action="rollback")
+    ctl = Controller(ScorerPolicy("m", GapZScorer(a.metrics), RollbackPolicy(cfg)), src)
+    off = Controller(ScorerPolicy("m", GapZScorer(a.metrics), RollbackPolicy(CFG)), src)
+    t0 = float(a.timestamps_s[50])
+    actions = []
+    for i, down in enumerate([True, False, True, False, True, True]):
+        src.down = down
+        actions.append(ctl.step("d0", t0 + 30 * i).action)
+        off.step("d0", t0 + 30 * i)
+    assert actions[:5] == ["pause", "continue", "pause", "continue", "pause"]
+    assert actions[5] == "rollback"
+    assert not off.is_final("d0") and off.state("d0")["errors"] == 2
+
+
+def test_scorer_failure_is_reported_and_actuator_failure_never_escapes() -> None:
+    class Failing:
+        def apply(self, deployment_id: str, decision: object, step: int) -> None:
+            raise ActuatorError("503")
+
+    data = corpus(1)
+    watcher = _Watcher()
+    ctl = Controller(ScorerPolicy("m", _Broken(), RollbackPolicy(CFG)), ReplaySource(data),
+                     Failing(), observer=watcher)
+    rec = ctl.step("d0", float(data["d0"].timestamps_s[50]))
+    assert rec.action == "pause"
+    assert watcher.failures[0][0] == "scorer" and "model exploded" in watcher.failures[0][1]
+    assert watcher.unapplied == ["0:503"]
+
+
+def test_policy_config_rejects_a_bad_error_limit() -> None:
+    with pytest.raises(ConfigError, match="consecutive_error_limit"):
+        PolicyConfig.from_mapping({"consecutive_error_limit": 0})
+    with pytest.raises(ConfigError, match="error_limit_action"):
+        PolicyConfig.from_mapping({"error_limit_action": "abort"})

@@ -1,17 +1,34 @@
-"""Controller.step — the one loop body that replay and serving share (DESIGN §1, §3).
+"""Controller.step — the one loop body of replay, serve, demo and bench (DESIGN §1, §3).
 
     step(deployment_id, now_s):  fetch window (MetricSource) → score + decide (Policy)
-                                 → append decision-log record → apply (Actuator)
+        → append the record to the decision sink → observer.decided (metrics; Kafka ack)
+        → apply (Actuator) → observer.applied / apply_failed → observer.stepped (checkpoint)
 
-`decide()` is the side-effect-free half (fetch + policy + state update) that
-`canaryml.serving.loop.ServeLoop` drives; `state()`/`restore()` persist the per-deployment
-policy state so a restarted controller resumes. Fail-safe: a source error, a window whose
-canary is all NaN, or a scorer exception becomes a PAUSE with the reason (never a rollback or a
-promotion).
+What differs between replay and the live controller is injected, never branched on:
+
+* the **decision sink** — `MemoryLog` (replay, tests) or the durable SQLite
+  `canaryml.serving.decision_log.DecisionLog`, whose `append` returns the stored record (with
+  its row id);
+* the **clock** — `now_s` passed by the caller (replay's simulated clock) or `clock()` when
+  `step` is called without one (serve: `time.time`);
+* the **actuator** — replay's recorder, dry-run, Kubernetes/Argo/Swarm;
+* the **observer** (`ControllerObserver`) — metrics, health, the retry queue of unapplied
+  actions and the state checkpoint in serve; nothing in replay (`NullObserver`).
+
+Terminal state comes from the policy: `is_final(deployment_id)` is true once the
+`PolicyState` holds ROLLBACK or PROMOTE (or the error-limit PAUSE, `policy.py`).
+
+Fail-safe: a source error, a window whose canary is all NaN, or a scorer exception becomes a
+PAUSE with the reason (never a rollback or a promotion unless `policy.consecutive_error_limit`
+says so). The controller reports each such failure to the observer by kind (`source`, `data`,
+`scorer`) — it does not swallow it. An actuator exception never escapes `step`: the record is
+logged either way and the observer decides what to do about the unapplied action (serve
+retries it with backoff; see `canaryml.serving.loop`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,16 +38,16 @@ import numpy as np
 
 from canaryml.control.policies import Policy
 from canaryml.control.policy import PolicyState
-from canaryml.control.types import Actuator, Decision, MetricSource, Window
-from canaryml.errors import ActuatorError
+from canaryml.control.types import Action, Actuator, Decision, MetricSource, Window
 
 log = logging.getLogger(__name__)
-decision_log = logging.getLogger("canaryml.decision")
+decision_log = logging.getLogger("canaryml.decision")  # one key=value line per decision
 
 
 @dataclass(frozen=True)
 class LogRecord:
-    """One decision-log entry (what replay writes and serving persists)."""
+    """One decision-log entry (what replay writes and serving persists; the durable log's rows
+    are `canaryml.serving.decision_log.LogEntry`, a subclass with the apply status)."""
 
     deployment_id: str
     policy: str
@@ -45,17 +62,65 @@ class LogRecord:
 
     @property
     def decision(self) -> Decision:
-        from canaryml.control.types import Action
-
         return Decision(Action(self.action), self.reason, self.score, dict(self.evidence))
 
 
+def format_decision(record: LogRecord) -> str:
+    """The key=value line logged per decision (values with spaces are quoted)."""
+
+    def q(v: object) -> str:
+        s = str(v)
+        return json.dumps(s) if (not s or any(c in s for c in ' ="')) else s
+
+    score = "nan" if record.score is None else f"{record.score:.4f}"
+    parts: list[tuple[str, object]] = [
+        ("event", "decision"), ("deployment", record.deployment_id), ("step", record.step),
+        ("action", str(record.action)), ("score", score), ("policy", record.policy)]
+    if record.model_version:
+        parts.append(("model", record.model_version))
+    parts.append(("reason", record.reason))
+    return " ".join(f"{k}={q(v)}" for k, v in parts)
+
+
 class DecisionSink(Protocol):
-    def append(self, record: LogRecord) -> None: ...
+    """Where records go. `append` may return the stored record (the durable log returns its
+    row, with id and apply status); None means the record itself was stored."""
+
+    def append(self, record: LogRecord) -> Any: ...
 
 
 class MemoryLog(list[LogRecord]):
     """In-memory decision log (replay, tests)."""
+
+
+class ControllerObserver:
+    """Hooks of one `Controller.step`; the base class does nothing (replay). Serve's
+    `canaryml.serving.loop.ServeLoop` overrides them for metrics, health, the Kafka ack, the
+    retry queue and the state checkpoint."""
+
+    def fetch_ok(self, deployment_id: str) -> None:
+        """The source answered for `deployment_id`."""
+
+    def failed(self, kind: str, deployment_id: str, message: str) -> None:
+        """A fail-safe PAUSE was caused by `kind`: `source` (fetch raised), `data` (unusable
+        window) or `scorer` (the policy could not score)."""
+
+    def decided(self, record: LogRecord) -> None:
+        """The record is in the sink (durable in serve) and not yet applied."""
+
+    def applied(self, record: LogRecord) -> None:
+        """The actuator applied the record's action."""
+
+    def apply_failed(self, record: LogRecord, exc: Exception) -> None:
+        """The actuator raised. The default logs it; the record stays logged."""
+        log.error("deployment=%s step=%d action=%s not applied: %s: %s", record.deployment_id,
+                  record.step, record.action, type(exc).__name__, exc)
+
+    def stepped(self, record: LogRecord, state: dict[str, Any]) -> None:
+        """End of the step; `state` is what `Controller.restore` takes back after a restart."""
+
+
+NULL_OBSERVER = ControllerObserver()
 
 
 def window_problem(window: Window) -> str | None:
@@ -75,13 +140,16 @@ class Controller:
     def __init__(self, policy: Policy, source: MetricSource, actuator: Actuator | None = None,
                  log_sink: DecisionSink | None = None, *,
                  model_version: str | Callable[[], str | None] | None = None,
-                 lookback: int | None = None) -> None:
+                 lookback: int | None = None, observer: ControllerObserver | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
         self.policy = policy
         self.source = source
         self.actuator = actuator
         self.log: DecisionSink = MemoryLog() if log_sink is None else log_sink
         self._model_version = model_version
         self.lookback = int(lookback or policy.lookback)
+        self.observer = observer or NULL_OBSERVER
+        self.clock = clock
         self.states: dict[str, PolicyState] = {}
         self.steps: dict[str, int] = {}
 
@@ -90,34 +158,58 @@ class Controller:
         mv = self._model_version
         return mv() if callable(mv) else mv
 
-    # ---- the side-effect-free half (ServeLoop's Decider protocol) ---------------------------
+    def is_final(self, deployment_id: str) -> bool:
+        """True once the policy state is terminal (no new decisions are useful)."""
+        st = self.states.get(deployment_id)
+        return st is not None and st.final is not None
+
+    # ---- fetch + policy (updates only the in-memory policy state) ---------------------------
     def decide(self, deployment_id: str, now_s: float) -> Decision:
-        """Fetch, score and decide; updates only this controller's in-memory policy state."""
+        """Fetch, score and decide; failures are reported to the observer by kind."""
         state = self.states.get(deployment_id) or self.policy.initial_state()
         window: Window | None = None
         failure: str | None = None
+        kind = ""
         if state.final is None:
             try:
                 window = self.source.fetch(deployment_id, now_s, self.lookback)
-                failure = window_problem(window)
             except Exception as exc:  # fail-safe boundary: any source failure pauses
-                failure = f"source failed: {type(exc).__name__}: {exc}"
+                failure, kind = f"source failed: {type(exc).__name__}: {exc}", "source"
+            else:
+                self.observer.fetch_ok(deployment_id)
+                failure = window_problem(window)
+                kind = "data" if failure else ""
         decision, new_state = self.policy.step(None if failure else window, now_s, state,
                                                failure=failure)
         self.states[deployment_id] = new_state
+        if failure is not None:
+            self.observer.failed(kind, deployment_id, failure)
+        elif state.final is None and decision.action is Action.PAUSE and \
+                decision.evidence.get("failure"):
+            # the policy could not score the window it was given (ScorerPolicy: model broken
+            # or not loaded): a scorer failure
+            self.observer.failed("scorer", deployment_id, str(decision.evidence["failure"]))
         return decision
 
     def state(self, deployment_id: str) -> dict[str, Any]:
         st = self.states.get(deployment_id)
         return {} if st is None else st.to_dict()
 
-    def restore(self, deployment_id: str, state: dict[str, Any]) -> None:
+    def restore(self, deployment_id: str, state: dict[str, Any], *, next_step: int = 0) -> None:
+        """Resume a deployment from `state` (as given to `observer.stepped`)."""
         if state:
             self.states[deployment_id] = PolicyState.from_dict(state)
+        if next_step:
+            self.steps[deployment_id] = int(next_step)
 
     # ---- the whole loop body -----------------------------------------------------------------
-    def step(self, deployment_id: str, now_s: float) -> LogRecord:
-        """fetch → score → decide → log → apply. Returns the logged record."""
+    def step(self, deployment_id: str, now_s: float | None = None) -> LogRecord:
+        """fetch → score → decide → log → apply. Returns the logged record (the stored one
+        when the sink returns it). `now_s` defaults to `clock()`."""
+        if now_s is None:
+            if self.clock is None:
+                raise TypeError("Controller.step needs now_s when the controller has no clock")
+            now_s = self.clock()
         step = self.steps.get(deployment_id, 0)
         decision = self.decide(deployment_id, now_s)
         raw = decision.evidence.get("reasons")
@@ -126,18 +218,19 @@ class Controller:
                            decided_at=float(now_s), action=str(decision.action),
                            score=decision.score, reason=decision.reason, reasons=reasons,
                            evidence=decision.evidence, model_version=self.model_version)
-        self.log.append(record)
+        stored = self.log.append(record)
+        if isinstance(stored, LogRecord):
+            record = stored
         self.steps[deployment_id] = step + 1
-        if log.isEnabledFor(logging.DEBUG) or decision.action != "continue":
-            decision_log.info("event=decision deployment=%s policy=%s step=%d action=%s "
-                              "score=%s reason=%r", deployment_id, self.policy.name, step,
-                              decision.action, "nan" if decision.score is None
-                              else f"{decision.score:.4f}", decision.reason)
+        if decision_log.isEnabledFor(logging.INFO):
+            decision_log.info(format_decision(record))
+        self.observer.decided(record)
         if self.actuator is not None:
             try:
                 self.actuator.apply(deployment_id, decision, step)
-            except ActuatorError:
-                log.error("deployment=%s step=%d action=%s not applied", deployment_id, step,
-                          decision.action)
-                raise
+            except Exception as exc:  # never fatal: the observer retries (serve) or logs
+                self.observer.apply_failed(record, exc)
+            else:
+                self.observer.applied(record)
+        self.observer.stepped(record, self.state(deployment_id))
         return record

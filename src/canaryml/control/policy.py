@@ -21,7 +21,11 @@ Canary progression (seed parameters):
   * fail-safe: a missing score (NaN / None, or a failure reason from the controller — source
     down, all-NaN window, scorer exception) → PAUSE with the reason. It never rolls back or
     promotes on its own; it does not count as a breach, and it restarts the clean period (a
-    gap in the data is not evidence of health).
+    gap in the data is not evidence of health);
+  * consecutive-error limit (Argo's `consecutiveErrorLimit`): after `consecutive_error_limit`
+    fail-safe ticks in a row (null = no limit) the policy takes `error_limit_action`:
+    `rollback` (terminal ROLLBACK) or `pause` (terminal PAUSE: held for an operator, no more
+    decisions). A usable score resets the count.
 
 ROLLBACK and PROMOTE are terminal: the state remembers them and later calls repeat them.
 For evaluation, "rolled back" means the first SHRINK or ROLLBACK (see canaryml.replay.evaluate).
@@ -58,6 +62,8 @@ class PolicyConfig:
     max_batches: int = 5
     clean_threshold: float | None = None  # None = rollback_threshold
     breach_inclusive: bool = False
+    consecutive_error_limit: int | None = None  # fail-safe ticks in a row; None = no limit
+    error_limit_action: str = "pause"  # pause | rollback, once the limit is reached
 
     def __post_init__(self) -> None:
         try:
@@ -74,6 +80,11 @@ class PolicyConfig:
             (self.max_batches >= 1, "max_batches", "an integer ≥ 1"),
             (math.isfinite(self.rollback_threshold), "rollback_threshold", "a finite number"),
         ]
+        if self.consecutive_error_limit is not None:
+            checks.append((self.consecutive_error_limit >= 1, "consecutive_error_limit",
+                           "an integer ≥ 1 or null (no limit)"))
+        checks.append((self.error_limit_action in ("pause", "rollback"), "error_limit_action",
+                       "pause or rollback"))
         for ok, name, want in checks:
             if not ok:
                 raise ConfigError(f"policy.{name}={getattr(self, name)!r} is invalid; it must be "
@@ -117,11 +128,12 @@ class PolicyState:
     batch: int = 1
     breaches: int = 0
     clean_since_s: float | None = None
-    final: Action | None = None  # ROLLBACK or PROMOTE once reached
+    final: Action | None = None  # ROLLBACK or PROMOTE once reached (PAUSE: error limit)
     ticks: int = 0
     # interval judges (Kayenta) evaluate every interval and hold their last score in between
     last_eval_s: float | None = None
     last_score: float | None = None
+    errors: int = 0  # fail-safe ticks in a row (consecutive_error_limit)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -167,8 +179,18 @@ class RollbackPolicy:
 
         if failure is not None or score is None or not math.isfinite(score):
             why = failure or "no score (missing data)"
-            return out(Action.PAUSE, f"fail-safe: {why}; holding the canary",
-                       replace(st, clean_since_s=None))
+            if failure is not None:
+                ev["failure"] = failure
+            st = replace(st, clean_since_s=None, errors=st.errors + 1)
+            limit = cfg.consecutive_error_limit
+            if limit is not None and st.errors >= limit:
+                final = Action(cfg.error_limit_action)
+                st = replace(st, final=final, batch=0 if final is Action.ROLLBACK else st.batch)
+                return out(final, f"fail-safe: {st.errors} errors in a row reached "
+                           f"consecutive_error_limit={limit}: {final} ({why})", st)
+            return out(Action.PAUSE, f"fail-safe: {why}; holding the canary", st)
+        if st.errors:
+            st = replace(st, errors=0)
         if now_s - started < cfg.warmup_s:
             return out(Action.CONTINUE, f"warm-up ({now_s - started:.0f}/{cfg.warmup_s:.0f} s)",
                        st)
