@@ -13,27 +13,113 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import sys
+import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from canaryml.errors import CanarymlError, ConfigError
 
-COMMANDS = {
-    "simulate": "write a simulated telemetry bundle (out=DIR n=200 seed=0)",
-    "ingest": "bundle|smd|nab|prometheus → canonical Parquet dataset (input=DIR out=DIR)",
-    "train": "train a forecaster + residual detector scorer, log to MLflow (dataset=DIR)",
-    "tune": "Optuna study over Hydra configs (dataset=DIR n_trials=20)",
-    "replay": "replay past deployments through the controller (model=… dataset=DIR out=DIR)",
-    "register": "register a scorer directory or run in the MLflow registry",
-    "promote": "move alias champion to the challenger when the replay gates pass",
-    "serve": "run the live controller",
-    "demo": "the whole pipeline end to end on embedded defaults",
-    "bench": "benchmarks → experiments/benchmarks/*.json",
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+
+@dataclass(frozen=True)
+class Command:
+    summary: str  # one line for `canaryml --help`
+    purpose: str  # the paragraph of `canaryml <command> --help`
+    keys: tuple[str, ...] = ()  # top-level keys of conf/config.yaml the command reads
+    groups: tuple[str, ...] = ()  # config groups it reads, printed in full by --help
+    also: tuple[str, ...] = ()  # groups it reads too, listed only (long, or shared)
+
+
+COMMANDS: dict[str, Command] = {
+    "simulate": Command(
+        "write a simulated telemetry bundle (out=DIR n=200 seed=0)",
+        "Write a simulated telemetry bundle (deployments + samples tables, DESIGN §2.1): baseline "
+        "and canary groups, fault families on faulty canaries, healthy variants that must not be "
+        "rolled back.",
+        ("out", "n", "seed"), ("simulate",), ("metrics",)),
+    "ingest": Command(
+        "bundle|smd|nab|nezha|prometheus → canonical Parquet dataset (input=DIR out=DIR)",
+        "Validate telemetry from a source (bundle, smd, nab, nezha, prometheus) and write the "
+        "canonical Parquet dataset with its manifest and content hash (DESIGN §2.3). Nothing is "
+        "written when the input breaks the data contract.",
+        ("source", "input", "out"), ("ingest",), ("metrics",)),
+    "train": Command(
+        "train a forecaster + residual detector scorer, log to MLflow (dataset=DIR)",
+        "Train a forecaster (LSTM or Transformer) and a residual detector (Isolation Forest or "
+        "One-Class SVM) into a calibrated CanaryScorer on a canonical dataset, log the run to "
+        "MLflow and register the scorer as @challenger (scorer_out=DIR also saves it there).",
+        ("dataset", "scorer_out", "seed", "mlflow"),
+        ("forecaster", "detector", "scorer", "trainer")),
+    "tune": Command(
+        "Optuna study over Hydra configs (dataset=DIR n_trials=20)",
+        "Run an Optuna study over the Hydra configuration (search space in conf/tune/): each "
+        "trial trains a scorer and replays it; the best trial is logged to MLflow.",
+        ("dataset", "n_trials", "study", "storage", "seed", "mlflow"), ("tune",),
+        ("forecaster", "detector", "scorer", "trainer", "policy", "replay")),
+    "replay": Command(
+        "replay past deployments through the controller (model=… dataset=DIR out=DIR)",
+        "Replay the deployments of a canonical dataset through Controller.step on a simulated "
+        "clock for the scorer and the baseline judges; write decisions.parquet, summary.json "
+        "and a report to out=DIR and log the metrics to MLflow.",
+        ("model", "dataset", "out", "seed", "mlflow"), ("replay", "policy")),
+    "register": Command(
+        "register a scorer directory or run in the MLflow registry",
+        "Register a saved CanaryScorer directory (`canaryml register scorer=DIR [alias=…]`) as a "
+        "new version of the registered model and point the alias at it.",
+        ("scorer_dir", "mlflow"), ("registry",)),
+    "promote": Command(
+        "move alias champion to the challenger when the replay gates pass",
+        "Replay @challenger (and @champion) on the evaluation dataset and move @champion to the "
+        "challenger only when the gates pass; `--to-version N` moves @champion back to version "
+        "N. The evaluation dataset must not be the challenger's training data.",
+        ("dataset", "to_version", "mlflow"), ("registry", "policy"), ("replay",)),
+    "serve": Command(
+        "run the live controller",
+        "Run the live controller: read telemetry (Prometheus or Kafka), score each canary with "
+        "the @champion scorer, decide and act (Kubernetes, Argo Rollouts, Flagger, Swarm or dry "
+        "run); /metrics, /healthz and the verdict endpoints over HTTP.",
+        ("mlflow",), ("serve", "policy"), ("metrics",)),
+    "demo": Command(
+        "the whole pipeline end to end on embedded defaults",
+        "The whole pipeline end to end: simulate, ingest, train, replay, promote, a live loop "
+        "and a summary table.",
+        ("seed", "mlflow"), ("demo",), ("simulate", "policy")),
+    "bench": Command(
+        "benchmarks → experiments/benchmarks/*.json",
+        "Benchmarks (ingest throughput, scorer latency, replay speed, controller latency) "
+        "written to experiments/benchmarks/*.json.",
+        (), ("bench",)),
 }
 
-USAGE = "usage: canaryml <command> [key=value ...]\n\ncommands:\n" + "\n".join(
-    f"  {name:<9} {text}" for name, text in COMMANDS.items()
-) + "\n\nOverrides are Hydra syntax (conf/ holds the defaults), e.g. `canaryml train forecaster=transformer`."
+OPTIONS_HELP = """options:
+  -h, --help           this help: purpose, config groups and keys with their defaults
+  --cfg job            print the composed configuration and exit (`-p GROUP` for one group,
+                       `--resolve` to resolve interpolations)
+  --version            print canaryml's version"""
+
+USAGE = ("usage: canaryml <command> [key=value ...] [--help | --cfg job]\n"
+         "       canaryml --version\n\ncommands:\n"
+         + "\n".join(f"  {name:<9} {c.summary}" for name, c in COMMANDS.items())
+         + "\n\nOverrides are Hydra syntax (conf/ holds the defaults), e.g. "
+           "`canaryml train forecaster=transformer`.\n"
+           "`canaryml <command> --help` shows a command's settings and their defaults.")
+
+
+def version() -> str:
+    from importlib import metadata
+
+    from canaryml import __version__
+
+    try:
+        return metadata.version("canaryml")
+    except metadata.PackageNotFoundError:  # imported from a source tree that is not installed
+        return __version__
 
 
 def setup_logging() -> None:
@@ -48,41 +134,267 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def compose(command: str, overrides: Sequence[str] = ()):  # -> DictConfig
-    """Compose `conf/config.yaml` with `overrides` for `command` (also used by tests)."""
+def _searchpath_overrides(overrides: Sequence[str], extra: Sequence[Path]) -> list[str]:
+    """`overrides` with one `hydra.searchpath=[…]`: the user's entries first, then `extra`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    user: list[str] = []
+    rest: list[str] = []
+    for o in overrides:
+        if o.lstrip("+~").startswith("hydra.searchpath="):
+            value = OverridesParser.create().parse_override(o).value()
+            user += [str(v) for v in (value if isinstance(value, list) else [value])]
+        else:
+            rest.append(o)
+    paths = [*user, *(f"file://{p}" for p in extra if p.is_dir())]
+    if not paths:
+        return rest
+    return [*rest, "hydra.searchpath=[" + ",".join(paths) + "]"]
+
+
+def _compose(command: str, overrides: Sequence[str], *, with_choices: bool = False
+             ) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from canaryml.paths import conf_dir
+    from canaryml.paths import conf_dir, conf_search_path
 
+    primary = conf_dir()  # Hydra reads the primary config.yaml from its main directory only
+    extra = [d for d in conf_search_path() if d != primary]
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3",
+        all_overrides = _searchpath_overrides([*overrides, f"command={command}"], extra)
+        with initialize_config_dir(config_dir=str(primary), version_base="1.3",
                                    job_name=f"canaryml_{command}"):
-            return hydra_compose("config", overrides=[*overrides, f"command={command}"])
+            return hydra_compose("config", overrides=all_overrides,
+                                 return_hydra_config=with_choices)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(
             f"bad configuration override for `canaryml {command}`: {exc}\n"
-            f"Overrides are key=value (group=option for config groups); see conf/config.yaml."
+            f"Overrides are key=value (group=option for config groups); "
+            f"`canaryml {command} --help` lists the settings, conf/config.yaml the groups."
         ) from exc
 
 
+def compose(command: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose `config.yaml` with `overrides` for `command` (also used by tests).
+
+    Config search path (canaryml.paths): the first directory holding a `config.yaml` of
+    `$CANARYML_CONF`, `$CANARYML_HOME/conf` and the packaged `conf/` is Hydra's main directory;
+    the others follow in that order, after any `hydra.searchpath=[file:///DIR]` the user
+    passes. A directory without `config.yaml` therefore adds options (`serve=prod`) and does
+    not shadow the packaged files of the same name; a complete copy of `conf/` replaces them."""
+    return _compose(command, overrides)
+
+
+# ---- --help and --cfg ------------------------------------------------------------------------
+_COMMENT = re.compile(r"^(?P<key>[A-Za-z_][\w\-]*):[^#]*?(?:\s#\s?(?P<comment>.*))?$")
+
+
+def _comments(path: Path) -> dict[str, str]:
+    """Trailing comments of the top-level keys of a YAML file."""
+    out: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            m = _COMMENT.match(line)
+            if m and m["comment"] and m["key"] not in out:
+                out[m["key"]] = m["comment"].strip()
+    return out
+
+
+def _find_conf_file(rel: str) -> Path | None:
+    from canaryml.paths import conf_search_path
+
+    for d in conf_search_path():
+        if (d / rel).is_file():
+            return d / rel
+    return None
+
+
+def _options(group: str) -> list[str]:
+    from canaryml.paths import conf_search_path
+
+    names = {f.stem for d in conf_search_path() for f in (d / group).glob("*.yaml")}
+    return sorted(names)
+
+
+def _yaml_block(node: object, comments: dict[str, str], indent: str = "  ") -> str:
+    """`node` as YAML, indented, each top-level key with its comment from the source file."""
+    from omegaconf import OmegaConf
+
+    lines = []
+    for line in OmegaConf.to_yaml(node, resolve=False).rstrip("\n").splitlines():
+        m = re.match(r"^([A-Za-z_][\w\-]*):", line)
+        if m and m[1] in comments:
+            line = f"{line:<40} # {comments[m[1]]}" if len(line) < 40 else \
+                f"{line}  # {comments[m[1]]}"
+        lines.append(indent + line)
+    return "\n".join(lines)
+
+
+def command_help(command: str, overrides: Sequence[str] = ()) -> str:
+    """`canaryml <command> --help`: purpose, top-level keys and config groups with defaults."""
+    from omegaconf import OmegaConf
+
+    spec = COMMANDS[command]
+    cfg = _compose(command, overrides, with_choices=True)
+    choices = dict(cfg.hydra.runtime.choices)
+    with _unlocked(cfg):
+        del cfg["hydra"]
+    out = [f"usage: canaryml {command} [key=value ...] [group=option ...] [--cfg job]", "",
+           textwrap.fill(spec.purpose, width=100), ""]
+    if spec.keys:
+        top = _comments(_find_conf_file("config.yaml") or Path())
+        out.append("top-level keys (defaults):")
+        out.append(_yaml_block(OmegaConf.masked_copy(cfg, list(spec.keys)), top))
+        out.append("")
+    groups = [*spec.groups, *spec.also]
+    if groups:
+        out.append("config groups (pick an option with group=option, override a key with "
+                   "group.key=value):")
+        for g in groups:
+            chosen = choices.get(g)
+            opts = " | ".join(f"{o}*" if o == chosen else o for o in _options(g))
+            out.append(f"  {g:<11} {opts}")
+        out.append("  (* = selected)")
+    for g in spec.groups:
+        chosen = choices.get(g)
+        src = _find_conf_file(f"{g}/{chosen}.yaml") if chosen else None
+        out += ["", f"{g}: ({g}={chosen}, {src or 'conf/' + g})",
+                _yaml_block(cfg[g], _comments(src or Path()), "  ")]
+    if spec.also:
+        names = ", ".join(spec.also)
+        out += ["", f"also read: {names} — print with `canaryml {command} --cfg job -p GROUP`."]
+    out += ["", OPTIONS_HELP]
+    return "\n".join(out)
+
+
+class _unlocked:
+    """Context: struct mode off on a DictConfig (to drop the `hydra` node)."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+
+    def __enter__(self) -> None:
+        from omegaconf import OmegaConf
+
+        OmegaConf.set_struct(self.cfg, False)
+
+    def __exit__(self, *exc: object) -> None:
+        from omegaconf import OmegaConf
+
+        OmegaConf.set_struct(self.cfg, True)
+
+
+def show_cfg(command: str, overrides: Sequence[str], package: str | None, resolve: bool) -> str:
+    """`canaryml <command> --cfg job [-p PACKAGE] [--resolve]`: the composed config as YAML."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    cfg = compose(command, overrides)
+    node: object = cfg
+    if package:
+        node = OmegaConf.select(cfg, package, default=None)
+        if node is None:
+            raise ConfigError(f"-p {package}: no such key in the composed config of "
+                              f"`canaryml {command}`; top-level keys: {sorted(str(k) for k in cfg)}")
+        if not OmegaConf.is_config(node):
+            return f"{package}: {node}"
+        node = OmegaConf.create({package: node})  # keep the group's name, like Hydra's -p
+    try:
+        return OmegaConf.to_yaml(node, resolve=resolve).rstrip("\n")
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot resolve the config of `canaryml {command}`: {exc}") from exc
+
+
+_CFG_KINDS = ("job", "all")
+
+
+def _parse_flags(command: str, args: Sequence[str]) -> tuple[list[str], dict[str, object]]:
+    """Split CLI flags (--help, --cfg job, -p, --resolve) from Hydra overrides."""
+    flags: dict[str, object] = {}
+    rest: list[str] = []
+    it = iter(args)
+    for arg in it:
+        if arg in ("-h", "--help"):
+            flags["help"] = True
+        elif arg in ("--cfg", "-c") or arg.startswith("--cfg="):
+            kind = arg.split("=", 1)[1] if "=" in arg else next(it, None)
+            if kind not in _CFG_KINDS:
+                raise ConfigError(f"--cfg takes `job` (the composed configuration), got "
+                                  f"{kind!r}: `canaryml {command} --cfg job`")
+            flags["cfg"] = kind
+        elif arg in ("-p", "--package") or arg.startswith("--package="):
+            pkg = arg.split("=", 1)[1] if "=" in arg else next(it, None)
+            if not pkg or pkg.startswith("-"):
+                raise ConfigError(f"{arg} needs a config group or key, e.g. "
+                                  f"`canaryml {command} --cfg job -p policy`")
+            flags["package"] = pkg
+        elif arg == "--resolve":
+            flags["resolve"] = True
+        elif arg == "--version":
+            flags["version"] = True
+        elif arg.startswith("-") and arg not in ("-m", "--multirun") and "=" not in arg:
+            raise ConfigError(f"unknown option {arg!r} for `canaryml {command}`; settings are "
+                              f"key=value overrides.\n{OPTIONS_HELP}")
+        else:
+            rest.append(arg)
+    if "package" in flags and "cfg" not in flags:
+        raise ConfigError(f"-p only goes with --cfg: `canaryml {command} --cfg job -p "
+                          f"{flags['package']}`")
+    return rest, flags
+
+
+def _write(text: str, stream: TextIO | None = None) -> None:
+    print(text, file=stream or sys.stdout)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE)
-        return 0 if args else 2
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # `canaryml --help | head`: the reader left; not an error of ours
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        except (OSError, ValueError):
+            pass
+        return 141  # 128 + SIGPIPE, what a shell tool reports
+
+
+def _main(args: list[str]) -> int:
+    if not args:
+        _write(USAGE, sys.stderr)
+        return 2
+    if args[0] in ("-h", "--help", "help"):
+        if len(args) > 1 and args[0] == "help" and args[1] in COMMANDS:
+            return _main([args[1], "--help"])
+        _write(USAGE)
+        return 0
+    if args[0] in ("--version", "-V", "version"):
+        _write(f"canaryml {version()}")
+        return 0
     command, overrides = args[0], args[1:]
     if command not in COMMANDS:
-        print(f"canaryml: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        _write(f"canaryml: unknown command {command!r}\n\n{USAGE}", sys.stderr)
         return 2
-    setup_logging()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
         task = importlib.import_module(f"canaryml.tasks.{command}")
         if hasattr(task, "translate_args"):  # CLI spellings such as `promote --to-version N`
             overrides = list(task.translate_args(overrides))
+        overrides, flags = _parse_flags(command, overrides)
+        if flags.get("version"):
+            _write(f"canaryml {version()}")
+            return 0
+        if flags.get("help"):
+            _write(command_help(command, overrides))
+            return 0
+        if flags.get("cfg"):
+            _write(show_cfg(command, overrides, flags.get("package"),  # type: ignore[arg-type]
+                            bool(flags.get("resolve"))))
+            return 0
+        setup_logging()
         multirun = [o for o in overrides if o in ("-m", "--multirun")]
         if multirun:
             if not hasattr(task, "run_multirun"):
@@ -93,10 +405,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(task.run(cfg, list(overrides)) or 0)
         return int(task.run(cfg) or 0)
     except CanarymlError as exc:
-        print(f"canaryml {command}: error: {exc}", file=sys.stderr)
+        _write(f"canaryml {command}: error: {exc}", sys.stderr)
+        return 2
+    except BrokenPipeError:
+        raise  # main() handles it
+    except OSError as exc:  # a path that cannot be read or written, a port in use, …
+        logging.getLogger(__name__).debug("canaryml %s failed", command, exc_info=True)
+        where = f" ({exc.filename})" if exc.filename else ""
+        _write(f"canaryml {command}: error: {exc.strerror or exc}{where}. Check the paths and "
+               "permissions in the overrides (CANARYML_LOG_LEVEL=DEBUG shows the traceback).",
+               sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"canaryml {command}: interrupted", file=sys.stderr)
+        _write(f"canaryml {command}: interrupted", sys.stderr)
         return 130
 
 
