@@ -274,8 +274,26 @@ def _version(client: Any, name: str, version: str | int) -> Any:
         return client.get_model_version(name, str(version))
     except MlflowException as exc:
         raise ConfigError(f"{name} has no version {version!r} in the registry "
-                          f"({exc.message}); list them with `mlflow models` / the MLflow UI or "
-                          "register one with `canaryml register scorer=DIR`") from exc
+                          f"({exc.message}); it has {_versions_text(client, name)}. See them in "
+                          "the MLflow UI (Models) or register one with "
+                          "`canaryml register scorer=DIR`") from exc
+
+
+def _versions_text(client: Any, name: str) -> str:
+    """'versions 1, 2 (@champion), 3 (@challenger)' or 'no versions'."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return "no versions"
+    if not versions:
+        return "no versions"
+    parts = []
+    for mv in sorted(versions, key=lambda v: int(v.version)):
+        aliases = " ".join(f"@{a}" for a in (getattr(mv, "aliases", None) or []))
+        parts.append(f"{mv.version}" + (f" ({aliases})" if aliases else ""))
+    return "versions " + ", ".join(parts)
 
 
 def _alias(client: Any, name: str, alias: str) -> Any:

@@ -64,7 +64,8 @@ class PrometheusClient:
     """
 
     def __init__(self, url: str, timeout_s: float = 10.0, retries: int = 3,
-                 backoff_s: float = 0.5, session: requests.Session | None = None) -> None:
+                 backoff_s: float = 0.5, session: requests.Session | None = None,
+                 url_key: str | None = None) -> None:
         if retries < 0:
             raise ConfigError(f"retries={retries} must be >= 0")
         if timeout_s <= 0:
@@ -74,6 +75,9 @@ class PrometheusClient:
         self.retries = int(retries)
         self.backoff_s = float(backoff_s)
         self.session = session or requests.Session()
+        # the config key that set `url`, for error messages (the caller knows which command)
+        self.url_key = url_key or ("serve.source.prometheus.url for `canaryml serve`, "
+                                   "ingest.prometheus.url for `canaryml ingest`")
 
     def _get(self, path: str, params: Mapping[str, Any]) -> Any:
         last: str = ""
@@ -102,7 +106,7 @@ class PrometheusClient:
                                   f"{body.get('error', resp.text[:200])}; fix the PromQL")
             return body["data"]
         raise SourceError(f"Prometheus at {self.url} is unreachable after {self.retries + 1} "
-                          f"attempt(s) ({last}); check the URL (ingest.prometheus.url) and that "
+                          f"attempt(s) ({last}); check the URL ({self.url_key}) and that "
                           "the server is up")
 
     def query_range(self, promql: str, start_s: float, end_s: float, step_s: float
@@ -218,7 +222,8 @@ def read(url: str, queries: Mapping[str, str], selectors: Mapping[str, str], *,
     for template in queries.values():
         render(template, "")
     deps = _deployments(deployments, deployments_file)
-    client = client or PrometheusClient(url, timeout_s=timeout_s, retries=retries)
+    client = client or PrometheusClient(url, timeout_s=timeout_s, retries=retries,
+                                        url_key="ingest.prometheus.url")
     frames = []
     n_queries = n_empty = 0
     starts_s = deps["start"].astype("int64").to_numpy() / 1e6  # timestamp[us, UTC]
