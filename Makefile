@@ -15,8 +15,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q torch==2.13.0   # pyproject allows >=2.13,<3; the CPU build on disk
+	$(PY) -m pip install -q -e '.[dev,serve,eval]'
 	$(PY) -m pip install -q --no-deps 'TSB-AD==1.5'
 	touch $(STAMP)
 
