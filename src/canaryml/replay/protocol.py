@@ -435,15 +435,19 @@ def pooled_metrics(evals: Sequence[Evaluation], policy: str, *, n_boot: int, see
     return out
 
 
-def per_fault_kind(evals: Sequence[Evaluation], policy: str) -> dict[str, dict[str, Any]]:
-    """Detection, caught before impact and time from onset to rollback per fault kind."""
+def per_group(evals: Sequence[Evaluation], policy: str, column: str = "fault_kind"
+              ) -> dict[str, dict[str, Any]]:
+    """Detection, caught before impact, time from onset to rollback and lead time per value of
+    a faulty-deployment `column` (fault kind, onset style); each group's false rollbacks are
+    left out (they belong to no fault)."""
     decided = np.concatenate([first_rollback(e.result, policy) for e in evals])
     truth = pd.concat([e.truth for e in evals], ignore_index=True)
+    faulty = (truth["label"] == "faulty").to_numpy()
+    values = truth[column].astype(str) if column in truth else pd.Series([""] * len(truth))
     out = {}
-    kinds = truth.loc[truth["label"] == "faulty", "fault_kind"].astype(str)
-    for kind in sorted(set(kinds)):
-        keep = ((truth["label"] == "healthy") | (truth["fault_kind"].astype(str) == kind)).to_numpy()
+    for value in sorted(set(values[faulty]) - {""}):
+        keep = faulty & (values == value).to_numpy()
         m = metrics_from_times(decided[keep], truth[keep].reset_index(drop=True))
-        out[kind] = {k: m[k] for k in ("n_faulty", "detection_rate", "caught_before_impact",
-                                       "time_to_detect_s_p50", "lead_time_s_p50")}
+        out[value] = {k: m[k] for k in ("n_faulty", "detection_rate", "caught_before_impact",
+                                        "time_to_detect_s_p50", "lead_time_s_p50")}
     return out

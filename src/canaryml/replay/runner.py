@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -67,10 +68,15 @@ def _epoch_s(col: pd.Series) -> np.ndarray:
 
 def deployment_table(ds: CanonicalDataset) -> pd.DataFrame:
     d = ds.deployments
+
+    def text(col: str) -> np.ndarray | str:
+        return d[col].fillna("").astype(str).to_numpy() if col in d else ""
+
     return pd.DataFrame({
         "deployment_id": d["deployment_id"].astype(str).to_numpy(),
         "label": d["label"].astype(str).to_numpy(),
-        "fault_kind": d["fault_kind"].astype(str).to_numpy() if "fault_kind" in d else "",
+        "fault_kind": text("fault_kind"),
+        "fault_onset_style": text("fault_onset_style"),  # simulator: from_start_* | mid_run
         "fault_onset_s": _epoch_s(d["fault_onset"]),
         "impact_at_s": _epoch_s(d["impact_at"]),
         "start_s": _epoch_s(d["start"]), "end_s": _epoch_s(d["end"]),
@@ -156,7 +162,12 @@ def replay(dataset: CanonicalDataset | dict[str, DeploymentArrays], policies: Se
     decision_logger.setLevel(logging.WARNING)  # one line per decision is for the live loop
     t_start = time.perf_counter()
     try:
-        for dep_id in tqdm(ids, desc="replay", unit="dep", disable=not progress or None):
+        # in a terminal a live bar; in logs and CI one line every 30 s instead of silence
+        tty = sys.stderr.isatty()
+        bar = tqdm(ids, desc="replay" if decide else "calibration replay", unit="dep",
+                   disable=not progress, mininterval=0.1 if tty else 30.0,
+                   ascii=not tty, file=sys.stderr)
+        for dep_id in bar:
             arrays = source.arrays(dep_id)
             ts = arrays.timestamps_s
             end = float(ts[-1]) if horizon_s is None else min(float(ts[-1]),

@@ -30,7 +30,7 @@ from canaryml.replay.protocol import (
     family,
     load_scorer_uri,
     load_scorers,
-    per_fault_kind,
+    per_group,
     pooled_metrics,
 )
 from canaryml.replay.runner import ReplayPolicy, ReplayResult
@@ -116,7 +116,8 @@ def run(cfg: DictConfig) -> int:
         if tuned:
             m["calibration"] = tuned[rp.name].calibration
             m["configurations_compared"] = tuned[rp.name].configurations
-        m["per_fault_kind"] = per_fault_kind(evals, rp.name)
+        m["per_fault_kind"] = per_group(evals, rp.name, "fault_kind")
+        m["per_onset_style"] = per_group(evals, rp.name, "fault_onset_style")
         hist = _concat([e.result.histories[rp.name] for e in evals])
         pcfg_rp = rp.policy.rollback.config
         sw = sweep_table(hist, pcfg_rp, truth, breakpoints(hist, pcfg_rp, thresholds))
