@@ -85,6 +85,9 @@ CRD_KINDS = {
     ("argoproj.io/v1alpha1", "Rollout"),
     ("flagger.app/v1beta1", "Canary"),
     ("kustomize.config.k8s.io/v1beta1", "Kustomization"),
+    # serving/monitoring and the Prometheus-provider examples: test_observability_files.py
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("flagger.app/v1beta1", "MetricTemplate"),
 }
 
 
