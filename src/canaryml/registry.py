@@ -10,6 +10,9 @@ Gates (conf/registry/default.yaml):
   * absolute, on the challenger: `detection_rate_min`, `false_rollback_rate_max`;
   * relative to the champion (skipped when there is none yet): `caught_before_impact_min_delta`,
     `detection_rate_min_delta`, `false_rollback_rate_max_delta`.
+Before any of them, the evaluation dataset must not be the challenger's training corpus (its
+content hash equal to the `dataset_hash` tag of the challenger's training run): that replay
+would measure fit, so it is refused unless `registry.allow_training_dataset=true`.
 A refused promotion raises `PromotionGateError` naming every failed gate with both numbers; the
 champion does not move. Every outcome (promoted, refused, rolled back) is an MLflow run named
 `promote`; a promoted or rolled-back-to version carries tags `promoted_at`, `promoted_from`,
@@ -117,6 +120,8 @@ class PromoteSettings:
     champion_alias: str = "champion"
     policy: str = "scorer"
     reuse_logged: bool = True
+    # evaluating a challenger on the corpus it was trained on measures fit, not generalisation
+    allow_training_dataset: bool = False
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PromoteSettings:
@@ -129,6 +134,9 @@ class PromoteSettings:
         if d.get("policy", "scorer") not in SCORER_VARIANTS:
             raise ConfigError(f"registry.policy={d['policy']!r} is unknown; use one of "
                               f"{sorted(SCORER_VARIANTS)}")
+        for flag in ("reuse_logged", "allow_training_dataset"):
+            if flag in d and not isinstance(d[flag], bool):
+                raise ConfigError(f"registry.{flag}={d[flag]!r} must be true or false")
         return cls(gates=gates, **d)
 
 
@@ -353,6 +361,20 @@ def _tag_version(client: Any, name: str, version: str, from_version: str | None,
         client.set_model_version_tag(name, version, k, v)
 
 
+def training_dataset_hash(client: Any, version: Any) -> str | None:
+    """The content hash of the dataset a registered version was trained on: the `dataset_hash`
+    tag of the run that logged it (`canaryml train`, or `canaryml register` when the scorer
+    bundle knows it); None when unknown."""
+    from mlflow.exceptions import MlflowException
+
+    if not getattr(version, "run_id", None):
+        return None
+    try:
+        return client.get_run(version.run_id).data.tags.get("dataset_hash") or None
+    except MlflowException:
+        return None
+
+
 def promote(name: str, ds: CanonicalDataset, policy: PolicyConfig,
             replay_cfg: Mapping[str, Any], settings: PromoteSettings, *,
             experiment: str = "canaryml", config: Mapping[str, Any] | None = None
@@ -372,6 +394,27 @@ def promote(name: str, ds: CanonicalDataset, policy: PolicyConfig,
     if champ_v == ch_v:
         log.info("%s v%s is already @%s; nothing to do", name, ch_v, settings.champion_alias)
         return PromotionResult("unchanged", name, ch_v, champ_v)
+    rec = {"experiment": experiment, "config": conf, "dataset_hash": ds.content_hash,
+           "threshold": policy.rollback_threshold}
+    on_training_data = training_dataset_hash(client, ch) == ds.content_hash
+    if on_training_data and not settings.allow_training_dataset:
+        reason = (f"dataset {ds.path} (hash {ds.content_hash[:12]}) is the corpus challenger "
+                  f"v{ch_v} was trained on: its replay would measure fit, not how it does on "
+                  "deployments it has not seen")
+        run_id = _record(name, "refused", ch_v, champ_v, [], None, None, reason=reason,
+                         **rec)  # type: ignore[arg-type]
+        raise PromotionGateError(
+            f"{name} v{ch_v} not promoted: {reason}. Evaluate on a held-out corpus (e.g. "
+            "`canaryml simulate seed=1 out=DIR` + `canaryml ingest`, then `canaryml promote "
+            "dataset=…`), or override with registry.allow_training_dataset=true. Champion stays "
+            f"{'v' + champ_v if champ_v else 'unset'}; recorded as MLflow run {run_id}.")
+    if on_training_data:
+        log.warning("promoting %s v%s on its own training dataset %s "
+                    "(registry.allow_training_dataset=true): the gates measure fit", name, ch_v,
+                    ds.content_hash[:12])
+    if champ is not None and training_dataset_hash(client, champ) == ds.content_hash:
+        log.warning("dataset %s is champion v%s's training corpus: the relative gates favour "
+                    "the champion", ds.content_hash[:12], champ_v)
     kw = {"variant": settings.policy, "reuse": settings.reuse_logged, "experiment": experiment,
           "config": conf}
     try:
@@ -388,10 +431,10 @@ def promote(name: str, ds: CanonicalDataset, policy: PolicyConfig,
                         name, champ_v, exc)
     results = check_gates(settings.gates, ev_ch, ev_champ)
     failed = [g for g in results if not g.passed]
-    basis = (f"evaluated on dataset {ds.path} (hash {ds.content_hash[:12]}) at rollback_threshold="
-             f"{policy.rollback_threshold:g}")
-    rec = {"experiment": experiment, "config": conf, "dataset_hash": ds.content_hash,
-           "threshold": policy.rollback_threshold}
+    basis = (f"evaluated on dataset {ds.path} (hash {ds.content_hash[:12]}"
+             + (", the challenger's training corpus, allowed by registry.allow_training_dataset"
+                if on_training_data else "")
+             + f") at rollback_threshold={policy.rollback_threshold:g}")
     if failed:
         reason = "; ".join(g.message for g in failed)
         run_id = _record(name, "refused", ch_v, champ_v, results, ev_ch, ev_champ,

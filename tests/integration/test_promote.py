@@ -199,3 +199,35 @@ def test_register_errors_name_the_input_and_the_fix(
     assert main(["register", f"scorer={tmp_path}", "alias=champion"]) == 2
     assert "no scorer.json" in capsys.readouterr().err
     assert tracking.get_alias_version(NAME, "champion") is None
+
+
+def test_promote_refuses_the_challengers_training_dataset_unless_overridden(
+        mlflow_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = make_corpus(tmp_path / "corpus", n=16, steps=90, seed=4)
+    assert train_task.run(compose("train", [f"dataset={corpus}", *TINY])) == 0
+    capsys.readouterr()
+    client = MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+
+    assert main(["promote", f"dataset={corpus}", *EVAL]) == 2
+    err = capsys.readouterr().err
+    assert "canary-scorer v1 not promoted" in err
+    assert "is the corpus challenger v1 was trained on" in err
+    assert "registry.allow_training_dataset=true" in err and "Traceback" not in err
+    assert champion() is None
+    assert [t["outcome"] for t in promote_runs(client)] == ["refused"]
+    exp = client.get_experiment_by_name("canaryml")
+    assert exp is not None  # refused before replaying anything
+    assert client.search_runs([exp.experiment_id], "tags.command = 'promote-eval'") == []
+
+    # the override: gates off, so only the training-data check is under test
+    assert main(["promote", f"dataset={corpus}", "registry.allow_training_dataset=true",
+                 "registry.gates.detection_rate_min=null",
+                 "registry.gates.false_rollback_rate_max=null"]) == 0
+    assert "@champion: none -> v1 (promoted)" in capsys.readouterr().out
+    assert champion() == "1"
+    tags = client.get_model_version(NAME, "1").tags
+    assert "the challenger's training corpus, allowed by registry.allow_training_dataset" in \
+        tags["promote_reason"]
+
+    assert main(["promote", f"dataset={corpus}", "registry.allow_training_dataset=maybe"]) == 2
+    assert "must be true or false" in capsys.readouterr().err
