@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import textwrap
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,21 @@ def setup_logging() -> None:
     )
     for noisy in ("alembic", "mlflow.store", "urllib3", "kafka", "matplotlib", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Lightning advertises its cloud logger on every Trainer; only that line is dropped
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _DropLitLoggerTip) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropLitLoggerTip())
+    # Lightning's own use of a deprecated torch pytree API, printed on every fit; not ours to fix
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            module=r"pytorch_lightning\.")
+    # a progress bar per artifact download (log_model validates by downloading) is noise in logs
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+class _DropLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not (msg.startswith("💡 Tip:") and "litlogger" in msg)
 
 
 def _searchpath_overrides(overrides: Sequence[str], extra: Sequence[Path]) -> list[str]:

@@ -106,6 +106,32 @@ def example_window(scorer: CanaryScorer) -> Window:
                   base[::-1].copy().astype(np.float32), scorer.metrics)
 
 
+class _DropMessages(logging.Filter):
+    """Drops log records whose message starts with one of `prefixes`."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def _quiet_cloudpickle_warning() -> Iterator[None]:
+    """MLflow warns on every `log_model(python_model=<object>)` that the object is serialised
+    with cloudpickle. Ours is a bare `ScorerModel()`: it holds no state (everything loads from
+    the artifact bundle in `load_context`), so the warning tells the user nothing. Dropped for
+    this one call only, by its exact opening words."""
+    logger = logging.getLogger("mlflow.pyfunc")
+    drop = _DropMessages("Passing a Python object as `python_model`")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def log_scorer(scorer: CanaryScorer, registered_model: str = REGISTERED_MODEL,
                alias: str | None = "challenger", input_example: Window | None = None
                ) -> ModelVersion:
@@ -121,7 +147,8 @@ def log_scorer(scorer: CanaryScorer, registered_model: str = REGISTERED_MODEL,
     pm = ScorerModel()
     pm.scorer = scorer
     output = pm.predict(None, example)
-    with tempfile.TemporaryDirectory(prefix="canaryml-scorer-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="canaryml-scorer-") as tmp, \
+            _quiet_cloudpickle_warning():
         bundle = scorer.save(Path(tmp) / "scorer")
         info = mlflow.pyfunc.log_model(
             name="scorer", python_model=ScorerModel(), artifacts={"scorer": str(bundle)},

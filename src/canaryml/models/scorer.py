@@ -150,7 +150,9 @@ def _ecdf_apply(x: np.ndarray, knots: np.ndarray, tau: float) -> np.ndarray:
     p = np.interp(x, knots, np.arange(1, n + 1) / (n + 1), left=0.0)
     over = x > knots[-1]
     p_max = n / (n + 1)
-    p = np.where(over, 1.0 - (1.0 - p_max) * np.exp(-(x - knots[-1]) / tau), p)
+    # np.where evaluates both branches: clip the exponent so ticks far below the last knot
+    # (not `over`, value unused) do not overflow exp()
+    p = np.where(over, 1.0 - (1.0 - p_max) * np.exp(-np.maximum(x - knots[-1], 0.0) / tau), p)
     return np.where(np.isfinite(x), p, np.nan)
 
 
