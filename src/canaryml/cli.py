@@ -403,6 +403,8 @@ def _main(args: list[str]) -> int:
         if flags.get("version"):
             _write(f"canaryml {version()}")
             return 0
+        if flags.get("help") or flags.get("cfg"):  # show the config a sweep starts from
+            overrides = [o for o in overrides if o not in ("-m", "--multirun")]
         if flags.get("help"):
             _write(command_help(command, overrides))
             return 0

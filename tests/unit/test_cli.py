@@ -232,3 +232,25 @@ def test_prometheus_unreachable_names_the_key_of_the_command() -> None:
     with pytest.raises(SourceError, match=r"check the URL \(ingest\.prometheus\.url\)"):
         PrometheusClient("http://127.0.0.1:9", timeout_s=0.5, retries=0,
                          url_key="ingest.prometheus.url").query("up")
+
+
+# files the messages point at: conf/…, serving/…, docs/… must exist
+WRONG_PATHS_ELSEWHERE = {
+    ("serving/actuators.py", "serving/rbac.yaml"): "WRONG: serving/k8s/role.yaml",
+}
+
+
+def test_files_named_in_error_messages_exist() -> None:
+    path_re = re.compile(r"(?<![\w/.])((?:conf|serving|docs)/[\w./-]*[\w/])")
+    named, wrong = 0, []
+    for py in sorted(SRC.rglob("*.py")):
+        rel = py.relative_to(SRC).as_posix()
+        for line, text in _messages(ast.parse(py.read_text())):
+            for path in path_re.findall(text):
+                if (rel, path) in WRONG_PATHS_ELSEWHERE:
+                    continue
+                named += 1
+                if not (REPO / path).exists():
+                    wrong.append(f"src/canaryml/{rel}:{line}: {path}")
+    assert named >= 5
+    assert not wrong, "error messages name files that do not exist:\n" + "\n".join(wrong)
