@@ -205,17 +205,35 @@ def compose(command: str, overrides: Sequence[str] = ()) -> DictConfig:
 
 
 # ---- --help and --cfg ------------------------------------------------------------------------
-_COMMENT = re.compile(r"^(?P<key>[A-Za-z_][\w\-]*):[^#]*?(?:\s#\s?(?P<comment>.*))?$")
+_KEY_LINE = re.compile(r"^(?P<indent> *)'?(?P<key>[A-Za-z_][\w\-]*)'?:(?P<rest>.*)$")
+
+
+def _key_paths(lines: Sequence[str]) -> list[tuple[str | None, str]]:
+    """Each line with the dotted path of the mapping key it holds (None: no key, e.g. a list
+    item or a comment), tracked by indentation."""
+    stack: list[tuple[int, str]] = []
+    out: list[tuple[str | None, str]] = []
+    for line in lines:
+        m = _KEY_LINE.match(line)
+        if not m:
+            out.append((None, line))
+            continue
+        indent = len(m["indent"])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, m["key"]))
+        out.append((".".join(k for _, k in stack), m["rest"]))
+    return out
 
 
 def _comments(path: Path) -> dict[str, str]:
-    """Trailing comments of the top-level keys of a YAML file."""
+    """Trailing comments of a YAML file's keys, by dotted path (`gates.detection_rate_min`)."""
     out: dict[str, str] = {}
     if path.is_file():
-        for line in path.read_text().splitlines():
-            m = _COMMENT.match(line)
-            if m and m["comment"] and m["key"] not in out:
-                out[m["key"]] = m["comment"].strip()
+        for key, rest in _key_paths(path.read_text().splitlines()):
+            m = re.search(r"(?:^|\s)#\s?(.*)$", rest)
+            if key and m and key not in out:
+                out[key] = m[1].strip()
     return out
 
 
@@ -236,17 +254,17 @@ def _options(group: str) -> list[str]:
 
 
 def _yaml_block(node: object, comments: dict[str, str], indent: str = "  ") -> str:
-    """`node` as YAML, indented, each top-level key with its comment from the source file."""
+    """`node` as YAML, indented, each key with its comment from the source file."""
     from omegaconf import OmegaConf
 
-    lines = []
-    for line in OmegaConf.to_yaml(node, resolve=False).rstrip("\n").splitlines():
-        m = re.match(r"^([A-Za-z_][\w\-]*):", line)
-        if m and m[1] in comments:
-            line = f"{line:<40} # {comments[m[1]]}" if len(line) < 40 else \
-                f"{line}  # {comments[m[1]]}"
-        lines.append(indent + line)
-    return "\n".join(lines)
+    lines = OmegaConf.to_yaml(node, resolve=False).rstrip("\n").splitlines()
+    out = []
+    for line, (key, _) in zip(lines, _key_paths(lines), strict=True):
+        if key in comments:
+            line = f"{line:<40} # {comments[key]}" if len(line) < 40 else \
+                f"{line}  # {comments[key]}"
+        out.append(indent + line)
+    return "\n".join(out)
 
 
 def command_help(command: str, overrides: Sequence[str] = ()) -> str:
