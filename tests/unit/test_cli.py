@@ -44,6 +44,9 @@ def test_help_shows_defaults_comments_and_the_selected_option(
     assert main(["train", "forecaster=transformer", "trainer.max_epochs=3", "--help"]) == 0
     out = capsys.readouterr().out
     assert "lstm | transformer*" in out and "max_epochs: 3" in out
+    assert main(["promote", "--help"]) == 0  # nested keys keep their comments
+    assert re.search(r"\n    detection_rate_min: 0\.5 +# challenger's faulty canaries rolled back",
+                     capsys.readouterr().out)
     assert main(["help", "simulate"]) == 0
     assert "simulate: (simulate=default" in capsys.readouterr().out
 
