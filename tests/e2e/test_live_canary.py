@@ -201,7 +201,7 @@ def test_faulty_canary_rolled_back_before_slo_breach_and_healthy_promoted(
     (conf / "serve" / "e2e.yaml").write_text(yaml.safe_dump({
         "defaults": ["default", "_self_"],
         "model": "models:/canary-scorer@champion", "model_poll_s": 5,
-        "interval_s": 1.0, "step_s": STEP_S, "metrics": metrics,
+        "step_s": STEP_S, "metrics": metrics,
         "duration_s": max(deadline - time.time(), 10.0), "decision_log": str(log_path),
         "deployments": [{"id": d, "namespace": NS, "canary": t.canary, "stable": t.stable,
                          "selectors": {"canary": s, "baseline": sel["stable"]}}

@@ -28,7 +28,7 @@ from canaryml.serving.endpoints import (
 )
 from canaryml.serving.server import Health, ObservabilityServer, Response, ServeMetrics
 
-pytestmark = pytest.mark.services
+pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
 
 DEPLOYMENTS = [
     {"id": "web", "namespace": "demo", "rollout": "web-rollout", "canary": "web-canary",

@@ -22,7 +22,7 @@ from canaryml.serving.endpoints import (
 )
 from canaryml.serving.server import Health, ObservabilityServer, ServeMetrics
 
-pytestmark = pytest.mark.services
+pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
 
 TOKEN = "t0ken"
 DEPLOYMENTS = [{"id": "api", "namespace": "demo", "flagger": "api"}]

@@ -13,7 +13,7 @@ from canaryml.control.types import Action, Decision
 from canaryml.serving.server import Health, ObservabilityServer, ServeMetrics
 from tests.harness.prometheus import start_prometheus
 
-pytestmark = pytest.mark.services
+pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
 
 
 def test_metrics_and_healthz_over_http() -> None:

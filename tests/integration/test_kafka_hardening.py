@@ -18,7 +18,7 @@ from tests.integration.test_kafka_source import FAST, TOPIC
 from tests.integration.test_serve_faults import POLICY, serve_cfg, until
 from tests.integration.test_serve_task import tiny_scorer_dir  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.services
+pytestmark = [pytest.mark.services, pytest.mark.timeout(180)]
 
 NOW = 1_700_000_000.0  # the controller's clock in these tests
 

@@ -15,7 +15,7 @@ from canaryml.errors import SourceError
 from canaryml.serving.kafka import KafkaSource
 from tests.harness.kafka import TansuBroker, start_tansu
 
-pytestmark = pytest.mark.services
+pytestmark = [pytest.mark.services, pytest.mark.timeout(180)]
 
 TOPIC = "canary-telemetry"
 FAST = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500, "fetch.wait.max.ms": 50,

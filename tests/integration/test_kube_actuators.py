@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from canaryml.control.types import Action, Decision
+from canaryml.control.policy import PolicyState, RollbackPolicy
+from canaryml.control.types import Action, Decision, Window
 from canaryml.errors import ActuatorError
 from canaryml.serving.actuators import (
     ArgoRolloutActuator,
@@ -18,7 +20,7 @@ from canaryml.serving.actuators import (
 from canaryml.serving.decision_log import DecisionLog
 from tests.harness.kube import DEPLOYMENTS, ROLLOUTS, KubeHarness, start_kube
 
-pytestmark = pytest.mark.services
+pytestmark = [pytest.mark.services, pytest.mark.timeout(180)]
 
 NS = "shop"
 DEP = "/apis/apps/v1/namespaces/shop/deployments/"
@@ -173,21 +175,36 @@ def test_argo_abort_pause_promote(kube: KubeHarness) -> None:
 
 
 class Scores:
-    """Decides shrink above 0.8 else continue, from a scripted score series."""
+    """A policy deciding shrink above 0.8 else continue, from a scripted score series."""
+
+    name = "model"
+    lookback = 1
+    rollback = RollbackPolicy()
 
     def __init__(self, scores: list[float]) -> None:
         self.scores = scores
 
-    def decide(self, deployment_id: str, now_s: float) -> Decision:
+    def initial_state(self) -> PolicyState:
+        return PolicyState()
+
+    def step(self, window: Window | None, now_s: float, state: PolicyState, *,
+             failure: str | None = None) -> tuple[Decision, PolicyState]:
         s = self.scores.pop(0)
-        return Decision(Action.SHRINK if s > 0.8 else Action.CONTINUE, f"score {s}", s)
+        return Decision(Action.SHRINK if s > 0.8 else Action.CONTINUE, f"score {s}", s), state
+
+
+class OneRow:
+    def fetch(self, deployment_id: str, now_s: float, lookback: int) -> Window:
+        return Window(deployment_id, now_s, np.array([int(now_s)]), np.ones((1, 1), np.float32),
+                      None, ("m",))
 
 
 def test_serve_loop_survives_api_faults_and_a_restart(kube: KubeHarness, tmp_path: Path) -> None:
     from canaryml.serving.loop import ServeLoop
 
     path = tmp_path / "decisions.sqlite"
-    loop = ServeLoop(Scores([0.9, 0.9]), deployments(kube, retries=1), DecisionLog(path))
+    loop = ServeLoop(Scores([0.9, 0.9]), OneRow(), deployments(kube, retries=1),
+                     DecisionLog(path))
     kube.inject("PATCH", 409, name="web-stable")  # conflict, retried within the call
     loop.tick(["d1"])
     assert replicas(kube) == (2, 8)
@@ -197,7 +214,7 @@ def test_serve_loop_survives_api_faults_and_a_restart(kube: KubeHarness, tmp_pat
     assert loop.health.snapshot()["status"] == "degraded"
     loop.log.close()  # the controller dies here
 
-    loop2 = ServeLoop(Scores([0.3]), deployments(kube), DecisionLog(path))
+    loop2 = ServeLoop(Scores([0.3]), OneRow(), deployments(kube), DecisionLog(path))
     loop2.resume()  # re-applies step 1 (pending) exactly once
     loop2.resume()
     loop2.tick(["d1"])  # step 2: the score recovered, nothing more shrinks

@@ -64,12 +64,13 @@ class LiveController:
     def __init__(self, tmp: Path, ds: CanonicalDataset) -> None:
         dep = str(ds.deployments["deployment_id"].iloc[0])
         cfg = compose("serve", [f"serve.decision_log={tmp / 'decisions.sqlite'}",
-                                f"serve.deployments=[{{id: {dep}}}]", "serve.interval_s=0.05",
+                                f"serve.deployments=[{{id: {dep}}}]",
                                 "serve.model_poll_s=0.1", "serve.lookback=1"])
         from omegaconf import OmegaConf
 
         serve = OmegaConf.to_container(cfg.serve, resolve=True)
-        policy = PolicyConfig(warmup_s=1e9)  # keeps deciding: never a terminal action
+        # warm-up forever: keeps deciding, never a terminal action
+        policy = PolicyConfig(warmup_s=1e9, monitoring_interval_s=0.05)
         self.dep = dep
         self.service = serve_task.build(serve, policy, source=ReplaySource({dep: ds.arrays(dep)}),  # type: ignore[arg-type]
                                         actuator=DryRunActuator(), http=False,

@@ -34,20 +34,20 @@ from tests.harness.kube import DEPLOYMENTS, KubeHarness, start_kube
 from tests.harness.prometheus import free_port
 from tests.integration.test_serve_task import levels, tiny_scorer_dir  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.services
+pytestmark = [pytest.mark.services, pytest.mark.timeout(300)]
 
 NS = "shop"
 NAME = "canary-scorer"
 
 
 def serve_cfg(tmp: Path, *overrides: str) -> dict[str, Any]:
-    cfg = compose("serve", [f"serve.decision_log={tmp / 'decisions.sqlite'}", "serve.interval_s=0.2",
+    cfg = compose("serve", [f"serve.decision_log={tmp / 'decisions.sqlite'}",
                             "serve.step_s=1", "serve.lookback=1", "serve.http.port=0",
                             *overrides])
     return cast(dict[str, Any], OmegaConf.to_container(cfg.serve, resolve=True))
 
 
-POLICY = PolicyConfig(warmup_s=0, consecutive_breaches=1, monitoring_interval_s=1)
+POLICY = PolicyConfig(warmup_s=0, consecutive_breaches=1, monitoring_interval_s=0.2)
 
 
 def arrays(dep: str, *, bad: bool, steps: int = 40) -> DeploymentArrays:
@@ -465,7 +465,7 @@ def test_an_event_for_a_deployment_without_target_is_skipped_never_fatal(
 def test_sigterm_finishes_the_tick_and_exits_cleanly(tmp_path: Path, tiny_scorer_dir: Path) -> None:  # noqa: F811
     log_path = tmp_path / "decisions.sqlite"
     cmd = [sys.executable, "-m", "canaryml", "serve", f"serve.model={tiny_scorer_dir}",
-           f"serve.decision_log={log_path}", "serve.interval_s=0.2", "serve.http.port=0",
+           f"serve.decision_log={log_path}", "policy.monitoring_interval_s=0.2", "serve.http.port=0",
            f"serve.source.prometheus.url=http://127.0.0.1:{free_port()}",
            "serve.source.prometheus.retries=0", "serve.source.prometheus.timeout_s=1",
            "serve.deployments=[{id: web, selectors: {canary: 'app=\"web\"'}}]"]

@@ -18,7 +18,7 @@ from canaryml.serving.decision_log import DecisionLog
 from tests.harness.kube import DEPLOYMENTS, KubeHarness, start_kube
 from tests.harness.prometheus import serve_registry, start_prometheus, wait_for_scrapes
 
-pytestmark = [pytest.mark.services,
+pytestmark = [pytest.mark.timeout(300), pytest.mark.services,
               pytest.mark.skipif(shutil.which("prometheus") is None,
                                  reason="needs the Debian prometheus package")]
 
@@ -84,7 +84,7 @@ def services(tmp_path: Path) -> Iterator[tuple[Gauge, str, KubeHarness]]:
 
 
 def serve_args(url: str, kube: KubeHarness, scorer: Path, log_path: Path, ticks: int) -> list[str]:
-    return ["serve", f"serve.model={scorer}", "serve.interval_s=1", "serve.step_s=1",
+    return ["serve", f"serve.model={scorer}", "serve.step_s=1",
             "serve.lookback=1", f"serve.max_ticks={ticks}", f"serve.decision_log={log_path}",
             "serve.http.port=0", "serve.source.kind=prometheus",
             f"serve.source.prometheus.url={url}", "serve.source.prometheus.retries=1",
@@ -107,7 +107,9 @@ def test_serve_cli_discovers_scores_and_rolls_back_the_bad_canary_only(
     export(gauge, "web", bad=True)
     export(gauge, "api", bad=False)
     canary_objects(kube)
-    wait_for_scrapes(url, 'canary_metric{metric="load1"}', 2)
+    # the history the scorer needs (lookback 16 + horizon 3 steps of 1 s): before that the
+    # controller pauses, as replay does for a canary younger than the model's window
+    wait_for_scrapes(url, 'canary_metric{metric="load1"}', 21, timeout_s=90)
     log_path = tmp_path / "decisions.sqlite"
 
     assert main(serve_args(url, kube, tiny_scorer_dir, log_path, ticks=4)) == 0
@@ -165,12 +167,12 @@ def test_gradual_rollback_shrinks_batch_by_batch_and_stops_when_the_score_recove
                               (base * mult * noise()).astype(np.float32),
                               (base * noise()).astype(np.float32), names)
     ticks = iter(range(30, 50))
-    cfg = compose("serve", [f"serve.model={tiny_scorer_dir}", "serve.interval_s=0.01",
+    cfg = compose("serve", [f"serve.model={tiny_scorer_dir}",
                             f"serve.decision_log={tmp_path / 'd.sqlite'}", "serve.lookback=1"])
     serve = OmegaConf.to_container(cfg.serve, resolve=True)
     serve["deployments"] = [{"id": "web"}]  # type: ignore[index]
     policy = PolicyConfig(rollback_strategy="gradual", warmup_s=0, consecutive_breaches=1,  # type: ignore[arg-type]
-                          batch_interval_s=2, max_batches=5, monitoring_interval_s=1)
+                          batch_interval_s=2, max_batches=5, monitoring_interval_s=0.01)
     with start_kube() as kube:
         kube.put(DEPLOYMENTS, NS, "web-canary", {"spec": {"replicas": 5}})  # 5 batches of 1
         kube.put(DEPLOYMENTS, NS, "web-stable", {"spec": {"replicas": 7}})

@@ -16,6 +16,8 @@ from canaryml.replay.runner import ReplayPolicy, replay, replay_deployment
 from canaryml.replay.sim import RecordingActuator, ReplaySource, SimulatedClock
 from canaryml.replay.standin import GapZScorer
 
+pytestmark = pytest.mark.timeout(120)  # a hung service fails the test, not CI
+
 CFG = PolicyConfig(rollback_threshold=0.6, monitoring_interval_s=30, warmup_s=60,
                    batch_interval_s=300, max_batches=3)
 
@@ -188,3 +190,36 @@ def test_policy_config_rejects_a_bad_error_limit() -> None:
         PolicyConfig.from_mapping({"consecutive_error_limit": 0})
     with pytest.raises(ConfigError, match="error_limit_action"):
         PolicyConfig.from_mapping({"error_limit_action": "abort"})
+
+
+class _Padded:
+    """A live-style source: always `lookback` rows on the grid, NaN before the first sample."""
+
+    def __init__(self, inner: ReplaySource, step_s: int) -> None:
+        self.inner, self.step_s = inner, step_s
+
+    def fetch(self, deployment_id: str, now_s: float, lookback: int) -> Window:
+        w = self.inner.fetch(deployment_id, now_s, lookback)
+        pad = lookback - len(w.timestamps_s)
+        if pad <= 0:
+            return w
+        ts = np.concatenate([w.timestamps_s[0] - self.step_s * np.arange(pad, 0, -1),
+                             w.timestamps_s])
+        nan = np.full((pad, w.canary.shape[1]), np.nan, np.float32)
+        return replace(w, timestamps_s=ts, canary=np.vstack([nan, w.canary]),
+                       baseline=None if w.baseline is None else np.vstack([nan, w.baseline]))
+
+
+def test_rows_before_the_first_sample_are_not_scored_so_live_equals_replay() -> None:
+    data = corpus(2)
+    for dep, a in data.items():
+        step = int(a.timestamps_s[1] - a.timestamps_s[0])
+        scorer = GapZScorer(a.metrics, lookback=20, scale=1.0)
+        replayed = Controller(ScorerPolicy("m", scorer, RollbackPolicy(CFG)), ReplaySource(data))
+        live = Controller(ScorerPolicy("m", scorer, RollbackPolicy(CFG)),
+                          _Padded(ReplaySource(data), step))
+        ticks = list(SimulatedClock(float(a.timestamps_s[0]), float(a.timestamps_s[-1]), 30))
+        got = [(r.action, r.reason, r.score) for r in replay_deployment(live, dep, ticks)]
+        want = [(r.action, r.reason, r.score) for r in replay_deployment(replayed, dep, ticks)]
+        assert got == want
+        assert live.first_sample_s[dep] == float(a.timestamps_s[0])

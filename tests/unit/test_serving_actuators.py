@@ -13,6 +13,8 @@ from canaryml.serving.actuators import (
     current_weight,
 )
 
+pytestmark = pytest.mark.timeout(60)  # a hung service fails the test, not CI
+
 
 def test_dry_run_logs_once_per_step_and_action() -> None:
     a = DryRunActuator()

@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from canaryml.control.controller import LogRecord, format_decision
 from canaryml.control.types import Action, Decision
 from canaryml.errors import ConfigError
-from canaryml.serving.decision_log import DecisionLog, format_decision
+from canaryml.serving.decision_log import DecisionLog
+
+pytestmark = pytest.mark.timeout(60)  # a hung service fails the test, not CI
 
 
 def test_record_is_durable_idempotent_and_resumes(tmp_path: Path) -> None:
@@ -51,7 +54,8 @@ def test_one_key_value_line_per_new_decision(tmp_path: Path, caplog: pytest.LogC
 
 
 def test_format_without_score() -> None:
-    line = format_decision("d", 1, Decision(Action.PAUSE, "no data: latency_p99"))
+    line = format_decision(LogRecord("d", "model", 1, 0.0, "pause", None, "no data: latency_p99",
+                                     ()))
     assert "score=nan" in line and 'reason="no data: latency_p99"' in line
 
 

@@ -11,6 +11,8 @@ from canaryml.serving.actuators import ArgoRolloutActuator, DeploymentActuator, 
 from canaryml.serving.factory import build_actuator, build_source
 from canaryml.serving.prometheus import PrometheusSource
 
+pytestmark = pytest.mark.timeout(60)  # a hung service fails the test, not CI
+
 DEPS = [{"id": "d1", "namespace": "shop", "canary": "web-canary", "stable": "web-stable",
          "rollout": "web", "selectors": {"canary": 'app="web",track="canary"',
                                          "baseline": 'app="web",track="baseline"'}}]
@@ -44,7 +46,7 @@ def test_kube_actuators_and_kafka_from_config() -> None:
 def test_unknown_kinds_are_config_errors() -> None:
     with pytest.raises(ConfigError, match=r"serve\.source\.kind='nats'"):
         build_source(serve_cfg("serve.source.kind=nats"), ["error_rate"])
-    with pytest.raises(ConfigError, match="use dry_run, deployment or argo"):
+    with pytest.raises(ConfigError, match="use dry_run, deployment, argo or swarm"):
         build_actuator(serve_cfg("serve.actuator.kind=flagger"))
     bad = serve_cfg()
     bad["deployments"] = [{"id": "d1", "selectors": {}}]

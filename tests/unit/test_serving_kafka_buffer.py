@@ -10,6 +10,8 @@ import pytest
 
 from canaryml.serving.kafka import KafkaSource, parse_timestamp
 
+pytestmark = pytest.mark.timeout(60)  # a hung service fails the test, not CI
+
 
 @pytest.fixture
 def source() -> Iterator[KafkaSource]:

@@ -1,37 +1,74 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from canaryml.control.types import Action, Decision
+from canaryml.control.policy import PolicyState, RollbackPolicy
+from canaryml.control.types import Action, Decision, Window
 from canaryml.errors import ActuatorError, SourceError
 from canaryml.serving.decision_log import DecisionLog
 from canaryml.serving.loop import ServeLoop
 from canaryml.serving.server import Health, ServeMetrics
 
+pytestmark = pytest.mark.timeout(60)  # a hung service fails the test, not CI
+
 
 class Scripted:
-    """A decider that replays a script; keeps a counter as its resumable state."""
+    """A policy that replays a script of decisions; its PolicyState counts the ticks (what a
+    restarted controller must resume). A fail-safe tick consumes nothing from the script."""
 
-    def __init__(self, script: list[Any]) -> None:
+    name = "model"
+    lookback = 1
+    rollback = RollbackPolicy()
+
+    def __init__(self, script: list[Decision]) -> None:
         self.script = script
-        self.seen: dict[str, int] = {}
 
-    def decide(self, deployment_id: str, now_s: float) -> Decision:
-        self.seen[deployment_id] = self.seen.get(deployment_id, 0) + 1
-        item = self.script.pop(0)
-        if isinstance(item, Exception):
-            raise item
-        return item
+    def initial_state(self) -> PolicyState:
+        return PolicyState()
 
-    def state(self, deployment_id: str) -> dict[str, Any]:
-        return {"seen": self.seen.get(deployment_id, 0)}
+    def step(self, window: Window | None, now_s: float, state: PolicyState, *,
+             failure: str | None = None) -> tuple[Decision, PolicyState]:
+        if state.final is not None:
+            return Decision(state.final, f"already {state.final}"), state
+        st = replace(state, ticks=state.ticks + 1)
+        if failure is not None:
+            return Decision(Action.PAUSE, f"source unavailable: {failure}", None,
+                            {"failure": failure}), st
+        d = self.script.pop(0)
+        if d.action in (Action.ROLLBACK, Action.PROMOTE):
+            st = replace(st, final=d.action)
+        return d, st
 
-    def restore(self, deployment_id: str, state: dict[str, Any]) -> None:
-        self.seen[deployment_id] = int(state.get("seen", 0))
+
+class Source:
+    """One row of data per fetch; raises the queued errors first (one per fetch)."""
+
+    def __init__(self, errors: list[Exception | None] | None = None) -> None:
+        self.errors = list(errors or [])
+        self.acked: list[str] = []
+
+    def fetch(self, deployment_id: str, now_s: float, lookback: int) -> Window:
+        err = self.errors.pop(0) if self.errors else None
+        if err is not None:
+            raise err
+        return Window(deployment_id, now_s, np.array([int(now_s)]), np.ones((1, 1), np.float32),
+                      None, ("m",))
+
+    def ack(self, deployment_id: str) -> bool:
+        self.acked.append(deployment_id)
+        return True
+
+
+def loop_of(script: list[Decision], actuator: Any, log: DecisionLog,
+            source: Source | None = None, **kw: Any) -> ServeLoop:
+    source = source or Source()
+    return ServeLoop(Scripted(script), source, actuator, log, ack=source.ack, **kw)
 
 
 class Flaky:
@@ -60,30 +97,21 @@ class OneDown:
             raise ActuatorError("503 from the API server")
 
 
-class Acking:
-    def __init__(self) -> None:
-        self.acked: list[str] = []
-
-    def ack(self, deployment_id: str) -> bool:
-        self.acked.append(deployment_id)
-        return True
-
-
 def test_source_down_pauses_actuator_failure_is_pending_and_restart_resumes(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     path = tmp_path / "decisions.sqlite"
-    decider = Scripted([Decision(Action.CONTINUE, "ok", 0.2),
-                        SourceError("prometheus unreachable after 4 attempts"),
-                        Decision(Action.SHRINK, "score 0.9 > 0.8", 0.9)])
-    actuator, health, metrics, source = Flaky({2}), Health(), ServeMetrics(), Acking()
-    loop = ServeLoop(decider, actuator, DecisionLog(path), source=source, metrics=metrics,
-                     health=health, model_version=lambda: "5", clock=lambda: 1000.0)
+    script = [Decision(Action.CONTINUE, "ok", 0.2), Decision(Action.SHRINK, "score 0.9 > 0.8", 0.9)]
+    source = Source([None, SourceError("prometheus unreachable after 4 attempts")])
+    actuator, health, metrics = Flaky({2}), Health(), ServeMetrics()
+    loop = loop_of(script, actuator, DecisionLog(path), source, metrics=metrics,
+                   health=health, model_version=lambda: "5", clock=lambda: 1000.0)
     loop.tick(["d1"])
     e1, = loop.tick(["d1"])
     assert e1.action is Action.PAUSE
-    assert e1.reasons == ("source unavailable: prometheus unreachable after 4 attempts",)
-    assert health.snapshot()["reasons"] == {"source": "prometheus unreachable after 4 attempts"}
+    why = "source failed: SourceError: prometheus unreachable after 4 attempts"
+    assert e1.reasons == (f"source unavailable: {why}",)
+    assert health.snapshot()["reasons"] == {"telemetry": why}
     e2, = loop.tick(["d1"])  # the source is back, but the actuator fails
     assert health.snapshot()["reasons"] == {"actuator": "deployment=d1 step=2 action=shrink not "
                                             "applied after 1 attempt(s), retrying: 503 from the "
@@ -94,11 +122,11 @@ def test_source_down_pauses_actuator_failure_is_pending_and_restart_resumes(
     loop.log.close()
 
     # restart: same log, new process objects
-    decider2 = Scripted([Decision(Action.ROLLBACK, "score 0.97", 0.97)])
     actuator.fail_steps.clear()
-    loop2 = ServeLoop(decider2, actuator, DecisionLog(path), metrics=metrics, health=health)
+    loop2 = loop_of([Decision(Action.ROLLBACK, "score 0.97", 0.97)], actuator, DecisionLog(path),
+                    metrics=metrics, health=health)
     loop2.resume()
-    assert decider2.seen == {"d1": 3}  # decider state restored
+    assert loop2.controller.state("d1")["ticks"] == 3  # policy state restored
     assert actuator.applied[-1] == ("d1", 2, Action.SHRINK)  # the pending intent re-applied
     e3, = loop2.tick(["d1"])
     assert e3.step == 3 and e3.action is Action.ROLLBACK
@@ -118,13 +146,12 @@ def test_unapplied_action_is_retried_with_backoff_and_blocks_only_its_deployment
     """Issue 16 #1: per-deployment exponential backoff on the retry clock; the other deployment
     keeps deciding; health names the unapplied action until it lands."""
     t = {"now": 0.0}
-    decider = Scripted([Decision(Action.ROLLBACK, "score 0.97", 0.97),
-                        Decision(Action.CONTINUE, "ok", 0.1)] + [
-                        Decision(Action.CONTINUE, "ok", 0.1)] * 10)
+    script = [Decision(Action.ROLLBACK, "score 0.97", 0.97), Decision(Action.CONTINUE, "ok", 0.1)
+              ] + [Decision(Action.CONTINUE, "ok", 0.1)] * 10
     actuator, health, metrics = OneDown("a"), Health(), ServeMetrics()
-    loop = ServeLoop(decider, actuator, DecisionLog(tmp_path / "d.sqlite"), metrics=metrics,
-                     health=health, retry_backoff_s=10, retry_backoff_max_s=25,
-                     retry_clock=lambda: t["now"])
+    loop = loop_of(script, actuator, DecisionLog(tmp_path / "d.sqlite"), metrics=metrics,
+                   health=health, retry_backoff_s=10, retry_backoff_max_s=25,
+                   retry_clock=lambda: t["now"])
     calls = actuator.calls
     assert [e.deployment_id for e in loop.tick(["a", "b"])] == ["a", "b"]
     assert "deployment=a step=0 action=rollback not applied after 1 attempt(s)" in (
@@ -165,9 +192,9 @@ def test_an_actuator_bug_is_retried_not_fatal(tmp_path: Path) -> None:
                 raise KeyError("spec")
 
     actuator, health = Buggy(), Health()
-    loop = ServeLoop(Scripted([Decision(Action.SHRINK, "score 0.9", 0.9),
-                               Decision(Action.CONTINUE, "score 0.2", 0.2)]), actuator,
-                     DecisionLog(tmp_path / "d.sqlite"), health=health, retry_backoff_s=0)
+    loop = loop_of([Decision(Action.SHRINK, "score 0.9", 0.9),
+                    Decision(Action.CONTINUE, "score 0.2", 0.2)], actuator,
+                   DecisionLog(tmp_path / "d.sqlite"), health=health, retry_backoff_s=0)
     (entry,) = loop.tick(["d1"])
     assert not entry.applied and "KeyError" in health.snapshot()["reasons"]["actuator"]
     actuator.fail = False

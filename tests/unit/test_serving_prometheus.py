@@ -12,6 +12,8 @@ from canaryml.errors import ConfigError, SourceError
 from canaryml.serving.prometheus import PrometheusSource, Selectors, render_query
 from canaryml.serving.server import Health, ObservabilityServer, Request, Response, ServeMetrics
 
+pytestmark = pytest.mark.timeout(60)  # a hung service fails the test, not CI
+
 QUERIES = {"latency_p99": "max(lat{{selector}})", "error_rate": "sum(err{{selector}})"}
 
 

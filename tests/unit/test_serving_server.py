@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import pytest
 import requests
 
 from canaryml.control.types import Action, Decision
 from canaryml.serving.server import Health, ObservabilityServer, Request, Response, ServeMetrics
+
+pytestmark = pytest.mark.timeout(60)  # a hung service fails the test, not CI
 
 
 def test_dispatch_routes_errors_and_extra_routes() -> None:

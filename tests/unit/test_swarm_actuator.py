@@ -33,6 +33,8 @@ from canaryml.serving.swarm import (  # noqa: E402
     build_swarm_actuator,
 )
 
+pytestmark = pytest.mark.timeout(60)  # a hung service fails the test, not CI
+
 API = "1.45"
 CLOCK_S = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 OLD_IMAGE = "registry.example/web:1.4.2"

@@ -10,8 +10,9 @@ Set-up, all real components of the live path except the Kubernetes write:
     in-memory storage on 127.0.0.1), events produced as JSON per (deployment, group, metric,
     step) — the `canaryml.serving.kafka` event format — and consumed by `KafkaSource`;
     source `memory`: the same events written straight into an in-process buffer (no broker);
-  * `Controller` → `ServeLoop` with the durable SQLite `DecisionLog` (synchronous=FULL) and a
-    recording actuator that timestamps each `apply` call.
+  * `ServeLoop` (whose loop body is `Controller.step`, as in `canaryml serve`) with the
+    durable SQLite `DecisionLog` (synchronous=FULL) and a recording actuator that timestamps
+    each `apply` call.
 Every deployment replays one synthetic deployment's telemetry (canary and baseline, all
 metrics). The history the scorer needs is produced first; then each round produces one new
 step for all deployments and the loop ticks once over all of them (event-driven, no sleep).
@@ -19,7 +20,7 @@ step for all deployments and the loop ticks once over all of them (event-driven,
 Latency per (deployment, step) = the actuator call for the first decision whose window holds the
 step's canary sample − the moment the sample was available (the broker acknowledged the last
 event of that deployment's step; for `memory`, the write). A polling controller adds the wait
-until its next tick (uniform in [0, serve.interval_s)) on top — reported separately, not
+until its next tick (uniform in [0, policy.monitoring_interval_s)) on top — reported separately, not
 simulated. The policy threshold is set above 1 so no canary is rolled back or promoted during
 the run (finished canaries leave the loop and would shrink the load).
 """
@@ -83,8 +84,10 @@ class _SeenSlot:
     def __init__(self, fetch: Callable[[str, float, int], Window], tracker: _Tracker,
                  step_s: float) -> None:
         self._fetch, self.tracker, self.step_s = fetch, tracker, step_s
+        self.started: dict[str, float] = {}
 
     def fetch(self, deployment_id: str, now_s: float, lookback: int) -> Window:
+        self.started[deployment_id] = time.perf_counter()
         w = self._fetch(deployment_id, now_s, lookback)
         rows = np.flatnonzero(np.isfinite(w.canary).any(axis=1))
         if len(rows):
@@ -93,26 +96,39 @@ class _SeenSlot:
         return w
 
 
-class _TimedDecider:
-    """Controller wrapper measuring fetch + score + policy per decision (the rest of a tick is
-    the durable decision log, the source ack and the actuator call)."""
+class _TimedPolicy:
+    """Policy wrapper measuring fetch + score + policy per decision (from the fetch's start,
+    stamped by `_SeenSlot`; the rest of a step is the durable decision log, the source ack and
+    the actuator call)."""
 
-    def __init__(self, controller: Any) -> None:
-        self.controller = controller
+    def __init__(self, policy: Any, fetch_started: dict[str, float]) -> None:
+        self.inner = policy
+        self.fetch_started = fetch_started
         self.decide_ms: list[float] = []
 
-    def decide(self, deployment_id: str, now_s: float) -> Decision:
-        t = time.perf_counter()
+    @property
+    def name(self) -> str:
+        return str(self.inner.name)
+
+    @property
+    def lookback(self) -> int:
+        return int(self.inner.lookback)
+
+    @property
+    def rollback(self) -> Any:
+        return self.inner.rollback
+
+    def initial_state(self) -> Any:
+        return self.inner.initial_state()
+
+    def step(self, window: Window | None, now_s: float, state: Any, *,
+             failure: str | None = None) -> Any:
         try:
-            return self.controller.decide(deployment_id, now_s)  # type: ignore[no-any-return]
+            return self.inner.step(window, now_s, state, failure=failure)
         finally:
-            self.decide_ms.append((time.perf_counter() - t) * 1e3)
-
-    def state(self, deployment_id: str) -> dict[str, Any]:
-        return self.controller.state(deployment_id)  # type: ignore[no-any-return]
-
-    def restore(self, deployment_id: str, state: dict[str, Any]) -> None:
-        self.controller.restore(deployment_id, state)
+            if window is not None and window.deployment_id in self.fetch_started:
+                t = self.fetch_started.pop(window.deployment_id)
+                self.decide_ms.append((time.perf_counter() - t) * 1e3)
 
 
 def _train_scorer(root: Path, seed: int, lookback: int) -> tuple[Any, Any]:
@@ -195,7 +211,6 @@ def run(out_dir: Path, n_deployments: int = 100, rounds: int = 20, source: str =
         interval_s: float = 30.0) -> dict[str, Any]:
     import torch
 
-    from canaryml.control.controller import Controller
     from canaryml.control.policies import ScorerPolicy
     from canaryml.control.policy import PolicyConfig, RollbackPolicy
     from canaryml.serving.decision_log import DecisionLog
@@ -293,12 +308,12 @@ def run(out_dir: Path, n_deployments: int = 100, rounds: int = 20, source: str =
             rollback = RollbackPolicy(PolicyConfig(rollback_threshold=1.01, warmup_s=0.0,
                                                    monitoring_interval_s=interval_s))
             wrapped = _SeenSlot(fetch, tracker, step_s)
-            controller = _TimedDecider(
-                Controller(ScorerPolicy("model", scorer, rollback), wrapped))
+            timed = _TimedPolicy(ScorerPolicy("model", scorer, rollback), wrapped.started)
             actuator = _RecordingActuator(tracker.on_apply)
             now = {"t": 0.0}
             with DecisionLog(tmp / "decisions.sqlite") as dlog:
-                loop = ServeLoop(controller, actuator, dlog, source=ack_source,
+                loop = ServeLoop(timed, wrapped, actuator, dlog,
+                                 ack=None if ack_source is None else ack_source.ack,
                                  clock=lambda: now["t"])
                 tick_ms: list[float] = []
                 poll_ms: list[float] = []
@@ -342,8 +357,8 @@ def run(out_dir: Path, n_deployments: int = 100, rounds: int = 20, source: str =
         "tick_ms_p50": float(np.percentile(tick_ms, 50)),
         "tick_ms_p99": float(np.percentile(tick_ms, 99)),
         "per_decision_ms": float(np.median(tick_ms) / n_deployments),
-        "decide_ms_p50": float(np.percentile(controller.decide_ms, 50)),
-        "decide_ms_p99": float(np.percentile(controller.decide_ms, 99)),
+        "decide_ms_p50": float(np.percentile(timed.decide_ms, 50)),
+        "decide_ms_p99": float(np.percentile(timed.decide_ms, 99)),
         "poll_ms_p50": float(np.percentile(poll_ms, 50)),
         "polling_wait_s_mean": interval_s / 2,
         "note": ("latency = actuator call − sample available (broker ack), event-driven tick; "

@@ -13,7 +13,11 @@ What differs between replay and the live controller is injected, never branched 
   `step` is called without one (serve: `time.time`);
 * the **actuator** — replay's recorder, dry-run, Kubernetes/Argo/Swarm;
 * the **observer** (`ControllerObserver`) — metrics, health, the retry queue of unapplied
-  actions and the state checkpoint in serve; nothing in replay (`NullObserver`).
+  actions and the state checkpoint in serve; the base class (no-ops) in replay.
+
+Windows are made alike: a live source's NaN rows before a deployment's first sample are
+dropped (`_since_first_sample`), so live and replay score the same rows at a canary's first
+ticks — a scorer that needs more history than the canary has pauses (fail-safe) in both.
 
 Terminal state comes from the policy: `is_final(deployment_id)` is true once the
 `PolicyState` holds ROLLBACK or PROMOTE (or the error-limit PAUSE, `policy.py`).
@@ -31,7 +35,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -123,6 +127,24 @@ class ControllerObserver:
 NULL_OBSERVER = ControllerObserver()
 
 
+def _has_data(window: Window) -> np.ndarray:
+    """Per row: does either group hold any finite value."""
+    has = np.isfinite(np.asarray(window.canary)).any(axis=1)
+    if window.baseline is not None:
+        has |= np.isfinite(np.asarray(window.baseline)).any(axis=1)
+    return np.asarray(has)
+
+
+def trim_before(window: Window, first_s: float) -> Window:
+    """The window without its rows dated before `first_s` (the deployment's first sample)."""
+    keep = np.asarray(window.timestamps_s) >= first_s
+    if keep.all():
+        return window
+    return replace(window, timestamps_s=window.timestamps_s[keep],
+                   canary=np.asarray(window.canary)[keep],
+                   baseline=None if window.baseline is None else window.baseline[keep])
+
+
 def window_problem(window: Window) -> str | None:
     """Why a fetched window cannot be used, or None."""
     can = np.asarray(window.canary)
@@ -152,6 +174,7 @@ class Controller:
         self.clock = clock
         self.states: dict[str, PolicyState] = {}
         self.steps: dict[str, int] = {}
+        self.first_sample_s: dict[str, float] = {}
 
     @property
     def model_version(self) -> str | None:
@@ -172,7 +195,8 @@ class Controller:
         kind = ""
         if state.final is None:
             try:
-                window = self.source.fetch(deployment_id, now_s, self.lookback)
+                window = self._since_first_sample(
+                deployment_id, self.source.fetch(deployment_id, now_s, self.lookback))
             except Exception as exc:  # fail-safe boundary: any source failure pauses
                 failure, kind = f"source failed: {type(exc).__name__}: {exc}", "source"
             else:
@@ -190,6 +214,24 @@ class Controller:
             # or not loaded): a scorer failure
             self.observer.failed("scorer", deployment_id, str(decision.evidence["failure"]))
         return decision
+
+    def _since_first_sample(self, deployment_id: str, window: Window) -> Window:
+        """Drop the rows before the deployment's first sample: a live source (Prometheus,
+        Kafka) returns them as NaN rows, replay's source does not return them at all; without
+        this the two would score different windows at a canary's first ticks. The first sample
+        is the earliest row with data this controller has seen (kept in memory: after a
+        restart it is found again in the next window)."""
+        can = np.asarray(window.canary)
+        if can.ndim != 2 or can.shape[0] == 0:
+            return window
+        first = self.first_sample_s.get(deployment_id)
+        if first is None:
+            has = _has_data(window)
+            if not has.any():
+                return window
+            first = float(window.timestamps_s[int(np.argmax(has))])
+            self.first_sample_s[deployment_id] = first
+        return trim_before(window, first)
 
     def state(self, deployment_id: str) -> dict[str, Any]:
         st = self.states.get(deployment_id)

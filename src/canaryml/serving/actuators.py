@@ -154,13 +154,23 @@ class DeploymentActuator(_KubeBase):
                  batch_size: int = 1, **kw: Any) -> None:
         if batch_size < 1:
             raise ConfigError(f"canary batch size {batch_size} must be >= 1 "
-                              "(serve.actuator.canary_batch_size)")
+                              "(policy.canary_batch_size)")
         super().__init__(api_client, **kw)
         from kubernetes import client
 
         self.apps = client.AppsV1Api(api_client)
         self.targets = dict(targets)
         self.batch_size = batch_size
+
+    def wire(self, entry: dict[str, Any]) -> str | None:
+        """Target a discovered deployment (`serve.deployments`-shaped entry); why not, or None."""
+        if not entry.get("canary") or not entry.get("stable"):
+            return ("no canaryml.io/stable annotation (the Deployment actuator needs the stable "
+                    "Deployment's name)")
+        self.targets[str(entry["id"])] = DeploymentTarget(str(entry["namespace"]),
+                                                          str(entry["canary"]),
+                                                          str(entry["stable"]))
+        return None
 
     def _target(self, deployment_id: str) -> DeploymentTarget:
         try:
@@ -263,6 +273,14 @@ class ArgoRolloutActuator(_KubeBase):
         self.targets = dict(targets)
         self.weight_step = weight_step
 
+    def wire(self, entry: dict[str, Any]) -> str | None:
+        """Target a discovered Rollout; why not, or None."""
+        if not entry.get("rollout"):
+            return "not an Argo Rollout (the argo actuator acts on Rollouts)"
+        self.targets[str(entry["id"])] = RolloutTarget(str(entry["namespace"]),
+                                                       str(entry["rollout"]))
+        return None
+
     def apply(self, deployment_id: str, decision: Decision, step: int) -> None:
         self.apply_detailed(deployment_id, decision, step)
 
@@ -326,6 +344,10 @@ class DryRunActuator:
 
     history: list[AppliedAction] = field(default_factory=list)
     _seen: set[tuple[str, int, str]] = field(default_factory=set)
+
+    def wire(self, entry: dict[str, Any]) -> str | None:
+        """Any deployment can be dry-run."""
+        return None
 
     def apply(self, deployment_id: str, decision: Decision, step: int) -> None:
         key = (deployment_id, int(step), str(decision.action))

@@ -28,10 +28,11 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from canaryml.control.controller import LogRecord, format_decision
 from canaryml.control.types import Action, Decision
 from canaryml.errors import CanarymlError, ConfigError
 
@@ -53,6 +54,7 @@ CREATE TABLE IF NOT EXISTS decisions (
     applied       INTEGER NOT NULL DEFAULT 0,
     applied_at    REAL,
     error         TEXT,
+    reason        TEXT,
     UNIQUE (deployment_id, policy, step)
 );
 CREATE TABLE IF NOT EXISTS controller_state (
@@ -65,19 +67,15 @@ CREATE TABLE IF NOT EXISTS controller_state (
 
 
 @dataclass(frozen=True)
-class LogEntry:
-    """One row of the decision log."""
+class LogEntry(LogRecord):
+    """One row of the durable decision log: the controller's `LogRecord` plus its row id and
+    apply status. `action` is the `Action`. (Rows written before the `reason` column existed
+    read back with the reasons joined as their reason.)"""
 
-    id: int
-    deployment_id: str
-    policy: str
-    step: int
-    decided_at: float
-    action: Action
-    score: float | None
-    reasons: tuple[str, ...]
-    evidence: dict[str, Any] = field(default_factory=dict)
-    model_version: str | None = None
+    action: Action  # type: ignore[assignment]
+    reason: str = ""
+    reasons: tuple[str, ...] = ()
+    id: int = 0
     applied: bool = False
     applied_at: float | None = None
     error: str | None = None
@@ -85,7 +83,8 @@ class LogEntry:
 
     @property
     def decision(self) -> Decision:
-        return Decision(self.action, "; ".join(self.reasons), self.score, dict(self.evidence))
+        return Decision(self.action, self.reason or "; ".join(self.reasons), self.score,
+                        dict(self.evidence))
 
 
 def _reasons(decision: Decision) -> list[str]:
@@ -93,25 +92,6 @@ def _reasons(decision: Decision) -> list[str]:
     if isinstance(raw, list | tuple) and raw:
         return [str(r) for r in raw]
     return [decision.reason] if decision.reason else []
-
-
-def format_decision(deployment_id: str, step: int, decision: Decision, *,
-                    policy: str = "", model_version: str | None = None) -> str:
-    """The key=value line logged per decision (values with spaces are quoted)."""
-
-    def q(v: object) -> str:
-        s = str(v)
-        return json.dumps(s) if (not s or any(c in s for c in ' ="')) else s
-
-    score = "nan" if decision.score is None else f"{decision.score:.4f}"
-    parts = [("event", "decision"), ("deployment", deployment_id), ("step", step),
-             ("action", str(decision.action)), ("score", score)]
-    if policy:
-        parts.append(("policy", policy))
-    if model_version:
-        parts.append(("model", model_version))
-    parts.append(("reason", decision.reason))
-    return " ".join(f"{k}={q(v)}" for k, v in parts)
 
 
 class DecisionLogError(CanarymlError):
@@ -129,6 +109,9 @@ def _open(path: Path) -> sqlite3.Connection:
         if check != ["ok"]:
             raise DecisionLogError("; ".join(check[:3]))
         db.executescript(SCHEMA)
+        columns = {str(r[1]) for r in db.execute("PRAGMA table_info(decisions)").fetchall()}
+        if "reason" not in columns:  # a log written before the reason had its own column
+            db.execute("ALTER TABLE decisions ADD COLUMN reason TEXT")
     except sqlite3.OperationalError:
         db.close()
         raise
@@ -197,6 +180,15 @@ class DecisionLog:
             self._db.execute("COMMIT")
 
     # --- decisions ---------------------------------------------------------------------------
+    def append(self, record: LogRecord) -> LogEntry:
+        """The `DecisionSink` of `Controller.step`: durably log the intent and return the row.
+        (The controller emits the key=value line.)"""
+        decision = Decision(Action(record.action), record.reason, record.score,
+                            dict(record.evidence))
+        entry, _ = self._insert(record.deployment_id, record.step, decision, record.policy,
+                                record.decided_at, record.model_version)
+        return entry
+
     def record(self, deployment_id: str, step: int, decision: Decision, *, policy: str = "model",
                decided_at: float | None = None, model_version: str | None = None) -> LogEntry:
         """Durably log the intent to apply `decision` and emit the key=value line.
@@ -205,26 +197,31 @@ class DecisionLog:
         already on disk and logs nothing new (so a restarted controller cannot double-log).
         """
         decided_at = time.time() if decided_at is None else float(decided_at)
+        entry, inserted = self._insert(deployment_id, step, decision, policy, decided_at,
+                                       model_version)
+        if inserted:
+            decision_log.info(format_decision(entry))
+        return entry
+
+    def _insert(self, deployment_id: str, step: int, decision: Decision, policy: str,
+                decided_at: float, model_version: str | None) -> tuple[LogEntry, bool]:
         with self._tx() as db:
             cur = db.execute(
                 "INSERT OR IGNORE INTO decisions (deployment_id, policy, step, decided_at, action,"
-                " score, reasons, evidence, model_version) VALUES (?,?,?,?,?,?,?,?,?)",
+                " score, reasons, evidence, model_version, reason) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (deployment_id, policy, int(step), decided_at, str(decision.action),
                  None if decision.score is None else float(decision.score),
                  json.dumps(_reasons(decision)), json.dumps(decision.evidence, default=str),
-                 model_version),
+                 model_version, decision.reason),
             )
             inserted = cur.rowcount == 1
             row = db.execute("SELECT * FROM decisions WHERE deployment_id=? AND policy=? AND step=?",
                              (deployment_id, policy, int(step))).fetchone()
         entry = self._entry(row)
-        if inserted:
-            decision_log.info(format_decision(deployment_id, step, decision, policy=policy,
-                                              model_version=model_version))
-        else:
+        if not inserted:
             log.info("decision for deployment=%s policy=%s step=%d already logged (action=%s)",
                      deployment_id, policy, step, entry.action)
-        return entry
+        return entry, inserted
 
     def mark_applied(self, entry_id: int) -> None:
         with self._tx() as db:
@@ -283,9 +280,10 @@ class DecisionLog:
     @staticmethod
     def _entry(row: tuple[Any, ...]) -> LogEntry:
         (id_, dep, policy, step, decided_at, action, score, reasons, evidence, model_version,
-         applied, applied_at, error) = row
+         applied, applied_at, error, reason) = row
         return LogEntry(id=int(id_), deployment_id=dep, policy=policy, step=int(step),
                         decided_at=float(decided_at), action=Action(action), score=score,
+                        reason=reason if reason is not None else "; ".join(json.loads(reasons)),
                         reasons=tuple(json.loads(reasons)), evidence=json.loads(evidence),
                         model_version=model_version, applied=applied == 1,
                         applied_at=applied_at, error=error, skipped=applied == -1)

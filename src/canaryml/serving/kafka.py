@@ -221,6 +221,16 @@ class KafkaSource:
             for s in [s for s in ring if s <= cutoff]:
                 del ring[s]
 
+    def refresh(self) -> str | None:
+        """Between ticks: learn the partition assignment (a non-blocking poll), then say why the
+        broker is unreachable, or None."""
+        self.poll(0)
+        return self.broker_down()
+
+    def wire(self, entry: dict[str, Any]) -> str | None:
+        """Events are keyed by deployment id: nothing to configure per deployment."""
+        return None
+
     def owned(self) -> set[str]:
         """Deployments seen on the partitions this replica currently holds."""
         return set(self._buf) | set(self._partition_of)

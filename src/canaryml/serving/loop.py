@@ -1,15 +1,20 @@
-"""The live loop: every monitoring interval, one decision per deployment, logged then applied.
+"""The live loop around `Controller.step`: scheduling, the durable log, retries and resume.
 
-Per deployment and tick (the body is `ServeLoop.tick_one`):
+`ServeLoop` builds the one `Controller` (canaryml.control.controller) of a live process — the
+same class and the same `step` replay runs — with the live injections: the durable
+`DecisionLog` as decision sink, the wall clock, the configured actuator, and itself as the
+controller's observer. Per deployment and tick, `Controller.step` does:
 
-1. `decider.decide(deployment_id, now_s)` → Decision (fetch + score + policy, no side effects:
-   the Controller). A `SourceError` or `ScoringError` becomes a PAUSE with the reason — missing
-   data or a broken model never promotes and never rolls back on its own.
-2. The decision is recorded in the `DecisionLog` (durable intent, one key=value line).
-3. The source is acked (Kafka commits offsets only now).
-4. The actuator applies it (idempotent per (deployment, step, action)); the entry is marked
-   applied, or failed with the reason.
-5. The decider's state is saved so a restarted controller resumes instead of starting over.
+1. fetch + score + policy. A source error, an unusable window or a scorer failure becomes a
+   fail-safe PAUSE with the reason; the controller reports it here by kind (`source` →
+   `canaryml_errors_total{kind="source"}` and `/healthz` component `telemetry`; `scorer` →
+   `canaryml_errors_total{kind="scorer"}`). `policy.consecutive_error_limit` ends a run of such
+   ticks with the configured outcome.
+2. The record goes to the `DecisionLog` (durable intent, one key=value line).
+3. `decided`: the source is acked (Kafka commits offsets only now).
+4. The actuator applies it (idempotent per (deployment, step, action)); `applied` /
+   `apply_failed` mark the entry applied, or failed with the reason.
+5. `stepped`: the policy state is saved so a restarted controller resumes.
 
 An action the actuator could not apply stays *unapplied*: the loop retries it at the start of
 later ticks, per deployment with exponential backoff (`retry_backoff_s` doubling up to
@@ -25,6 +30,9 @@ An action for a deployment the actuator has no target for (`UnknownTargetError`,
 event for a deployment missing from `serve.deployments`) is logged (a warning once per
 deployment), counted in `canaryml_skipped_actions_total{reason="unknown_target"}`, marked
 skipped in the decision log and never retried or re-applied: it must not stop the controller.
+
+A deployment whose policy state is terminal (`PolicyState.final`: rolled back, promoted, or
+paused by the error limit) gets no more decisions; an unapplied terminal action is retried.
 """
 
 from __future__ import annotations
@@ -33,29 +41,17 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-from canaryml.control.types import Action, Actuator, Decision
-from canaryml.errors import ActuatorError, ConfigError, ScoringError, SourceError
+from canaryml.control.controller import Controller, ControllerObserver, LogRecord
+from canaryml.control.policies import Policy
+from canaryml.control.types import Actuator, MetricSource
+from canaryml.errors import ActuatorError, ConfigError
 from canaryml.serving.actuators import UnknownTargetError
 from canaryml.serving.decision_log import DecisionLog, LogEntry
 from canaryml.serving.server import Health, ServeMetrics
 
 log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class Decider(Protocol):
-    """What the loop needs from the Controller: a side-effect-free decision per deployment."""
-
-    def decide(self, deployment_id: str, now_s: float) -> Decision: ...
-
-
-@runtime_checkable
-class StatefulDecider(Decider, Protocol):
-    def state(self, deployment_id: str) -> dict[str, Any]: ...
-
-    def restore(self, deployment_id: str, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -69,29 +65,32 @@ class Unapplied:
     then: tuple[LogEntry, ...] = ()  # the deployment's later unapplied entries (after a restart)
 
 
-class ServeLoop:
-    def __init__(self, decider: Decider, actuator: Actuator, decision_log: DecisionLog, *,
-                 source: Any = None, metrics: ServeMetrics | None = None,
-                 health: Health | None = None, policy: str = "model",
+class ServeLoop(ControllerObserver):
+    """The live controller's Controller and what it needs around `step` (see module doc).
+
+    `source`'s optional `ack(deployment_id)` is called once a decision is durable (the Kafka
+    source commits offsets then); sources built by `canaryml.serving.registry` all have it."""
+
+    def __init__(self, policy: Policy, source: MetricSource, actuator: Actuator,
+                 decision_log: DecisionLog, *, lookback: int | None = None,
+                 metrics: ServeMetrics | None = None, health: Health | None = None,
                  model_version: Callable[[], str | None] = lambda: None,
                  clock: Callable[[], float] = time.time, retry_backoff_s: float = 1.0,
                  retry_backoff_max_s: float = 300.0,
-                 retry_clock: Callable[[], float] = time.monotonic) -> None:
+                 retry_clock: Callable[[], float] = time.monotonic,
+                 ack: Callable[[str], Any] | None = None) -> None:
         if not 0 <= retry_backoff_s <= retry_backoff_max_s:
             raise ConfigError(f"actuator retry backoff {retry_backoff_s}s / max "
                               f"{retry_backoff_max_s}s must satisfy 0 <= backoff <= max "
                               "(serve.actuator.retry_backoff_s, retry_backoff_max_s)")
-        self.decider = decider
+        self.controller = Controller(policy, source, actuator, decision_log,
+                                     model_version=model_version, lookback=lookback,
+                                     observer=self, clock=clock)
         self.actuator = actuator
         self.log = decision_log
-        self.source = source
         self.metrics = metrics or ServeMetrics()
         self.health = health or Health()
-        self.policy = policy
-        self.model_version = model_version
-        self.clock = clock
-        self.steps: dict[str, int] = {}
-        self.finished: set[str] = set()  # rolled back or promoted: no more decisions
+        self.ack = ack
         self.unapplied: dict[str, Unapplied] = {}  # per deployment: the action still to land
         self.retry_backoff_s = float(retry_backoff_s)
         self.retry_backoff_max_s = float(retry_backoff_max_s)
@@ -101,12 +100,11 @@ class ServeLoop:
     def resume(self) -> None:
         """Restore per-deployment state from the log and re-apply intents never applied (in
         the order they were logged; a deployment's later intents wait for its earlier ones)."""
-        for dep, (last_step, state) in self.log.states().items():
-            self.steps[dep] = last_step + 1
-            if state.get("_finished"):
-                self.finished.add(dep)
-            if isinstance(self.decider, StatefulDecider):
-                self.decider.restore(dep, state.get("decider", {}))
+        states = self.log.states()
+        for dep, (last_step, state) in states.items():
+            # ("decider": the key of logs written before the loop body was Controller.step)
+            policy_state = state.get("policy") or state.get("decider") or {}
+            self.controller.restore(dep, policy_state, next_step=last_step + 1)
         per_dep: dict[str, list[LogEntry]] = {}
         for entry in self.log.pending():
             per_dep.setdefault(entry.deployment_id, []).append(entry)
@@ -114,16 +112,19 @@ class ServeLoop:
             log.info("resume: re-applying %d action(s) for deployment=%s (steps %s)",
                      len(entries), dep, ",".join(str(e.step) for e in entries))
             self._apply(entries[0], then=tuple(entries[1:]))
-        if self.steps:
-            log.info("resumed %d deployment(s) from %s", len(self.steps), self.log.path)
+        if states:
+            log.info("resumed %d deployment(s) from %s", len(states), self.log.path)
 
     def tick(self, deployment_ids: Iterable[str]) -> list[LogEntry]:
-        """Retry unapplied actions that are due, then one decision per deployment that is
-        neither finished nor waiting for an unapplied action. Returns the new entries."""
+        """Retry unapplied actions that are due, then one `Controller.step` per deployment that
+        is neither terminal nor waiting for an unapplied action. Returns the new entries."""
         self.retry_unapplied()
-        now = self.clock()
-        return [self.tick_one(d, now) for d in deployment_ids
-                if d not in self.finished and d not in self.unapplied]
+        out = []
+        for dep in deployment_ids:
+            if self.controller.is_final(dep) or dep in self.unapplied:
+                continue
+            out.append(_entry(self.controller.step(dep)))
+        return out
 
     def retry_unapplied(self, *, force: bool = False) -> None:
         """Re-apply every unapplied action whose backoff has elapsed (all of them: `force`)."""
@@ -134,40 +135,45 @@ class ServeLoop:
                          pending.entry.step, pending.entry.action, pending.attempts + 1)
                 self._apply(pending.entry, then=pending.then)
 
-    def tick_one(self, deployment_id: str, now_s: float) -> LogEntry:
-        step = self.steps.get(deployment_id, 0)
-        try:
-            decision = self.decider.decide(deployment_id, now_s)
-            self.health.ok("source")
-        except SourceError as exc:
-            self.metrics.error("source")
-            self.health.degraded("source", str(exc))
-            decision = Decision(Action.PAUSE, f"source unavailable: {exc}", None)
-        except ScoringError as exc:
-            self.metrics.error("scorer")
-            decision = Decision(Action.PAUSE, f"cannot score: {exc}", None)
-        entry = self.log.record(deployment_id, step, decision, policy=self.policy,
-                                decided_at=now_s, model_version=self.model_version())
-        self.metrics.observe(deployment_id, decision)
-        if self.source is not None and hasattr(self.source, "ack"):
-            self.source.ack(deployment_id)
-        self._apply(entry)
-        if decision.action in (Action.ROLLBACK, Action.PROMOTE):
-            self.finished.add(deployment_id)  # no new decisions; an unapplied one is retried
-        state: dict[str, Any] = {"_finished": deployment_id in self.finished}
-        if isinstance(self.decider, StatefulDecider):
-            state["decider"] = self.decider.state(deployment_id)
-        self.log.save_state(deployment_id, step, state)
-        self.steps[deployment_id] = step + 1
-        return entry
+    # ---- ControllerObserver ---------------------------------------------------------------
+    def fetch_ok(self, deployment_id: str) -> None:
+        self.health.ok("telemetry")
 
+    def failed(self, kind: str, deployment_id: str, message: str) -> None:
+        if kind == "source":
+            self.metrics.error("source")
+            self.health.degraded("telemetry", message)
+        elif kind == "scorer":
+            self.metrics.error("scorer")
+
+    def decided(self, record: LogRecord) -> None:
+        self.metrics.observe(record.deployment_id, record.decision)
+        if self.ack is not None:
+            self.ack(record.deployment_id)
+
+    def applied(self, record: LogRecord) -> None:
+        self._landed(_entry(record), ())
+
+    def apply_failed(self, record: LogRecord, exc: Exception) -> None:
+        self._not_landed(_entry(record), exc, ())
+
+    def stepped(self, record: LogRecord, state: dict[str, Any]) -> None:
+        self.log.save_state(record.deployment_id, record.step, {"policy": state})
+
+    # ---- applying and retrying ------------------------------------------------------------
     def _apply(self, entry: LogEntry, then: tuple[LogEntry, ...] = ()) -> None:
         """Apply `entry`, then the deployment's queued `then` entries in order; the first one
         that fails becomes the deployment's unapplied action (with the rest queued behind)."""
-        dep = entry.deployment_id
         try:
-            self.actuator.apply(dep, entry.decision, entry.step)
-        except UnknownTargetError as exc:
+            self.actuator.apply(entry.deployment_id, entry.decision, entry.step)
+        except Exception as exc:
+            self._not_landed(entry, exc, then)
+        else:
+            self._landed(entry, then)
+
+    def _not_landed(self, entry: LogEntry, exc: Exception, then: tuple[LogEntry, ...]) -> None:
+        dep = entry.deployment_id
+        if isinstance(exc, UnknownTargetError):
             self.metrics.skipped("unknown_target")
             self.log.mark_skipped(entry.id, f"skipped: {exc}")
             level = logging.DEBUG if dep in self._warned_targets else logging.WARNING
@@ -181,23 +187,24 @@ class ServeLoop:
                 return
             self._report_unapplied()
             return
-        except Exception as exc:  # ActuatorError, or a bug: retried, never fatal
-            if not isinstance(exc, ActuatorError):
-                log.exception("actuator %s raised %s", type(self.actuator).__name__,
-                              type(exc).__name__)
-                exc = ActuatorError(f"{type(exc).__name__}: {exc}")
-            self.metrics.error("actuator")
-            self.log.mark_failed(entry.id, str(exc))
-            previous = self.unapplied.get(dep)
-            attempts = 1 if previous is None or previous.entry.id != entry.id \
-                else previous.attempts + 1
-            delay = min(self.retry_backoff_max_s, self.retry_backoff_s * 2 ** (attempts - 1))
-            self.unapplied[dep] = Unapplied(entry, str(exc), attempts,
-                                            self.retry_clock() + delay, then)
-            log.error("deployment=%s step=%d action=%s not applied (attempt %d; retrying in "
-                      "%.1fs): %s", dep, entry.step, entry.action, attempts, delay, exc)
-            self._report_unapplied()
-            return
+        if not isinstance(exc, ActuatorError):  # a bug: retried, never fatal
+            log.error("actuator %s raised %s", type(self.actuator).__name__,
+                      type(exc).__name__, exc_info=exc)
+            exc = ActuatorError(f"{type(exc).__name__}: {exc}")
+        self.metrics.error("actuator")
+        self.log.mark_failed(entry.id, str(exc))
+        previous = self.unapplied.get(dep)
+        attempts = 1 if previous is None or previous.entry.id != entry.id \
+            else previous.attempts + 1
+        delay = min(self.retry_backoff_max_s, self.retry_backoff_s * 2 ** (attempts - 1))
+        self.unapplied[dep] = Unapplied(entry, str(exc), attempts,
+                                        self.retry_clock() + delay, then)
+        log.error("deployment=%s step=%d action=%s not applied (attempt %d; retrying in "
+                  "%.1fs): %s", dep, entry.step, entry.action, attempts, delay, exc)
+        self._report_unapplied()
+
+    def _landed(self, entry: LogEntry, then: tuple[LogEntry, ...]) -> None:
+        dep = entry.deployment_id
         self.log.mark_applied(entry.id)
         done = self.unapplied.get(dep)
         if done is not None and done.entry.id == entry.id:
@@ -220,11 +227,9 @@ class ServeLoop:
             f"{u.attempts} attempt(s), retrying: {u.error}"
             for dep, u in sorted(self.unapplied.items())))
 
-    def run(self, deployment_ids: Callable[[], Iterable[str]], interval_s: float,
-            stop: Callable[[], bool] = lambda: False) -> None:
-        """Tick every `interval_s` until `stop()`; `deployment_ids()` is re-read each tick."""
-        self.resume()
-        while not stop():
-            started = time.monotonic()
-            self.tick(deployment_ids())
-            time.sleep(max(0.0, interval_s - (time.monotonic() - started)))
+
+def _entry(record: LogRecord) -> LogEntry:
+    if not isinstance(record, LogEntry):
+        raise TypeError("ServeLoop's controller must log to a DecisionLog (its rows are "
+                        f"LogEntry), got {type(record).__name__}")
+    return record

@@ -12,6 +12,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import requests
@@ -58,6 +59,30 @@ class PrometheusSource:
         self.queries = dict(queries)
         self.selectors = dict(selectors)
         self.step_s = float(step_s)
+
+    # ---- the live-source interface (canaryml.serving.factory.LiveSource) ------------------
+    def ack(self, deployment_id: str) -> None:
+        """Nothing to commit: Prometheus is queried, not consumed."""
+
+    def refresh(self) -> str | None:
+        """Nothing to poll between ticks; never reports an outage here (a failed query does)."""
+        return None
+
+    def owned(self) -> set[str] | None:
+        """Every configured deployment (no partitioning): None."""
+        return None
+
+    def wire(self, entry: dict[str, Any]) -> str | None:
+        """Selectors for a discovered deployment; why not, or None."""
+        sel = entry.get("selectors") or {}
+        if not sel.get("canary"):
+            return ("no canaryml.io/canary-selector annotation (the Prometheus source needs "
+                    "label matchers)")
+        self.selectors[str(entry["id"])] = Selectors(str(sel["canary"]), sel.get("baseline"))
+        return None
+
+    def close(self) -> None:
+        """Nothing held between queries."""
 
     def query_range(self, query: str, start_s: float, end_s: float) -> dict[float, float]:
         """{timestamp_s: value} of one aggregated series (the mean if several match)."""

@@ -56,10 +56,10 @@ def _quiet(*loggers: str) -> Iterator[None]:
 
 
 def _live(cfg: DictConfig, out: Path) -> list[dict[str, Any]]:
-    """Stream simulated live canaries through ServeLoop with the @champion scorer."""
+    """Stream simulated live canaries through the serve loop (ServeLoop → Controller.step,
+    durable decision log, dry-run actuator) with the @champion scorer."""
     from canaryml import tracking
     from canaryml.catalog import Catalog
-    from canaryml.control.controller import Controller
     from canaryml.control.policies import ScorerPolicy
     from canaryml.control.policy import PolicyConfig, RollbackPolicy
     from canaryml.data.dataset import DeploymentArrays
@@ -87,20 +87,19 @@ def _live(cfg: DictConfig, out: Path) -> list[dict[str, Any]]:
                                   sim.baseline.astype(np.float32), sim.metrics)
         # a live source: at time t it returns only samples up to t, exactly like Prometheus
         source = ReplaySource({dep_id: arrays})
-        controller = Controller(ScorerPolicy("champion", scorer, RollbackPolicy(pcfg), version),
-                                source, model_version=version)
         actuator = DryRunActuator()
         log_path = out / "live" / f"{dep_id}.sqlite"
         log_path.unlink(missing_ok=True)
         start, end = float(sim.timestamps_s[0]), float(sim.timestamps_s[-1])
         clock = {"now": start}
         with DecisionLog(log_path) as dlog:
-            loop = ServeLoop(controller, actuator, dlog, policy="champion",
+            loop = ServeLoop(ScorerPolicy("champion", scorer, RollbackPolicy(pcfg), version),
+                             source, actuator, dlog,
                              model_version=functools.partial(str, version),
                              clock=functools.partial(clock.__getitem__, "now"))
             final = None  # the first shrink/rollback (what evaluation counts), or promote
             last_action = None
-            while clock["now"] <= end and dep_id not in loop.finished:
+            while clock["now"] <= end and not loop.controller.is_final(dep_id):
                 with _quiet("canaryml.decision", "canaryml.serving.actuators"):
                     (entry,) = loop.tick([dep_id])
                 d = entry.decision

@@ -4,10 +4,13 @@ Composition (every piece is the library object replay and the tests use):
 
     ModelHolder (serve.model, default models:/canary-scorer@champion; polls the alias every
       serve.model_poll_s, loads a moved alias in the background, swaps between ticks)
-    → ScorerPolicy + RollbackPolicy (policy.*) → Controller (the decider)
-    → ServeLoop with build_source / build_actuator (serve.source, serve.actuator)
-    → DecisionLog (serve.decision_log, resumed on start) and ObservabilityServer (serve.http:
-      /metrics, /healthz, and the Argo/Flagger verdict endpoints when available).
+    → ScorerPolicy + RollbackPolicy (policy.*, the keys replay reads)
+    → ServeLoop: the Controller whose `step` is the loop body (as in replay), with the source
+      and actuator from the registry keyed by kind (canaryml.serving.factory: serve.source,
+      serve.actuator), the DecisionLog as its sink (serve.decision_log, resumed on start) and
+      the loop as its observer (metrics, health, retries of unapplied actions)
+    → Service: scheduling every policy.monitoring_interval_s, discovery, resume, and the
+      ObservabilityServer (serve.http: /metrics, /healthz, the Argo/Flagger verdict endpoints).
 
 Deployments come from `serve.deployments`, from Kubernetes (`serve.discover: {namespace,
 label_selector}`, re-listed every tick), and with the Kafka source from the partitions this
@@ -36,12 +39,13 @@ from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
-from canaryml.control.controller import Controller
 from canaryml.control.policies import ScorerPolicy
 from canaryml.control.policy import PolicyConfig, RollbackPolicy
-from canaryml.control.types import Actuator, MetricSource, Window
+from canaryml.control.types import Actuator, MetricSource
 from canaryml.errors import ConfigError
 from canaryml.serving.decision_log import DecisionLog, LogEntry
+from canaryml.serving.endpoints import VerdictBoard
+from canaryml.serving.factory import LiveActuator, LiveSource
 from canaryml.serving.loop import ServeLoop
 from canaryml.serving.model_holder import HeldScorer, LoadedModel, ModelHolder
 from canaryml.serving.server import Health, ObservabilityServer, ServeMetrics
@@ -149,38 +153,19 @@ class KubeDiscovery:
         return out
 
 
-class ReportingSource:
-    """Passes fetches through and reports the telemetry source's health: the Controller turns a
-    failed fetch into a fail-safe PAUSE (so the loop never sees the error); this makes
-    `/healthz` and `canaryml_errors{kind="source"}` say so too (component `telemetry`)."""
-
-    def __init__(self, source: MetricSource, health: Health, metrics: ServeMetrics) -> None:
-        self.inner = source
-        self.health = health
-        self.metrics = metrics
-
-    def fetch(self, deployment_id: str, now_s: float, lookback: int) -> Window:
-        try:
-            window = self.inner.fetch(deployment_id, now_s, lookback)
-        except Exception as exc:
-            self.metrics.error("source")
-            self.health.degraded("telemetry", f"{type(exc).__name__}: {exc}")
-            raise
-        self.health.ok("telemetry")
-        return window
-
-
 class Service:
-    """One controller process: model holder + Controller + ServeLoop (+ HTTP server)."""
+    """One controller process: scheduling, discovery and resume around the ServeLoop (whose
+    Controller.step is the loop body), the model holder and the HTTP server."""
 
-    def __init__(self, holder: ModelHolder, controller: Controller, loop: ServeLoop, *,
+    def __init__(self, holder: ModelHolder, loop: ServeLoop, *,
                  deployments: Sequence[Mapping[str, Any]] = (), interval_s: float = 30.0,
-                 min_lookback: int = 1, source: Any = None, actuator: Any = None,
-                 discovery: KubeDiscovery | None = None, server: ObservabilityServer | None = None,
-                 board: Any = None) -> None:
+                 min_lookback: int = 1, source: LiveSource | None = None,
+                 actuator: LiveActuator | None = None, discovery: KubeDiscovery | None = None,
+                 server: ObservabilityServer | None = None,
+                 board: VerdictBoard | None = None) -> None:
         self.holder = holder
-        self.controller = controller
         self.loop = loop
+        self.controller = loop.controller
         self.static_ids = [str(d["id"]) for d in deployments]
         self.interval_s = float(interval_s)
         self.min_lookback = int(min_lookback)
@@ -204,42 +189,21 @@ class Service:
     # ---- deployments -----------------------------------------------------------------------
     def _wire(self, entry: Mapping[str, Any]) -> bool:
         """Give a discovered deployment its actuator target and source selectors."""
-        from canaryml.serving.actuators import (
-            ArgoRolloutActuator,
-            DeploymentActuator,
-            DeploymentTarget,
-            RolloutTarget,
-        )
-        from canaryml.serving.prometheus import PrometheusSource, Selectors
-
         dep = str(entry["id"])
-        if isinstance(self.actuator, DeploymentActuator):
-            if not entry.get("stable"):
-                log.warning("discovered %s/%s has no %sstable annotation; skipped (the "
-                            "Deployment actuator needs the stable Deployment's name)",
-                            entry["namespace"], entry.get("canary"), ANN)
+        for part, name in ((self.actuator, "actuator"), (self.source, "source")):
+            why = None if part is None else part.wire(dict(entry))
+            if why is not None:
+                log.warning("discovered %s (%s/%s) skipped by the %s: %s", dep,
+                            entry.get("namespace"), entry.get("rollout") or entry.get("canary"),
+                            name, why)
                 return False
-            self.actuator.targets[dep] = DeploymentTarget(str(entry["namespace"]),
-                                                          str(entry["canary"]), str(entry["stable"]))
-        elif isinstance(self.actuator, ArgoRolloutActuator):
-            if not entry.get("rollout"):
-                log.warning("discovered %s is not a Rollout; skipped for the argo actuator", dep)
-                return False
-            self.actuator.targets[dep] = RolloutTarget(str(entry["namespace"]), str(entry["rollout"]))
-        if isinstance(self.source, PrometheusSource):
-            sel = entry.get("selectors") or {}
-            if not sel.get("canary"):
-                log.warning("discovered %s has no %scanary-selector annotation; skipped (the "
-                            "Prometheus source needs label matchers)", dep, ANN)
-                return False
-            self.source.selectors[dep] = Selectors(str(sel["canary"]), sel.get("baseline"))
-        if self.board is not None and hasattr(self.board, "register"):
+        if self.board is not None:
             names = [str(entry[k]) for k in ("rollout", "canary", "stable") if entry.get(k)]
             try:
                 self.board.register(dep, namespace=entry.get("namespace"), names=names)
             except ConfigError as exc:
                 log.warning("verdict board: %s", exc)
-            if entry.get("revision") and hasattr(self.board, "set_revision"):
+            if entry.get("revision"):
                 self.board.set_revision(dep, str(entry["revision"]))
         return True
 
@@ -265,19 +229,18 @@ class Service:
                 log.warning("discovery failed (%s); keeping %d known deployment(s)", exc,
                             len(self._discovered))
             ids += [d for d in self._discovered if d not in ids]
-        if self.source is not None and hasattr(self.source, "owned"):
-            owned = self.source.owned()
+        owned = None if self.source is None else self.source.owned()
+        if owned is not None:  # a partitioned source (Kafka): this replica's deployments only
             ids = [d for d in ids if d in owned] if ids else sorted(owned)
         return ids
 
     # ---- ticking ---------------------------------------------------------------------------
     def tick(self) -> list[LogEntry]:
-        """Swap a staged model in (between ticks), then one decision per deployment."""
+        """Swap a staged model in (between ticks), refresh the source (Kafka: learn the
+        assignment before choosing deployments), then one Controller.step per deployment."""
         self.holder.swap_if_ready()
-        if self.source is not None and hasattr(self.source, "poll") and hasattr(self.source, "owned"):
-            self.source.poll(0)  # Kafka: learn the assignment before choosing deployments
-        if self.source is not None and hasattr(self.source, "broker_down"):
-            self._report_broker(self.source.broker_down())
+        if self.source is not None:
+            self._report_backend(self.source.refresh())
         entries = self.loop.tick(self.deployment_ids())
         if self.board is not None:
             for e in entries:
@@ -286,14 +249,14 @@ class Service:
         self.entries += len(entries)
         return entries
 
-    def _report_broker(self, down: str | None) -> None:
-        """Kafka broker reachability in /healthz (`kafka`), each outage counted once in
+    def _report_backend(self, down: str | None) -> None:
+        """Broker reachability in /healthz (`kafka`), each outage counted once in
         canaryml_errors_total{kind="kafka_down"} — also when no deployment is owned, so no
-        fetch would ever fail and say so."""
+        fetch would ever fail and say so. (Only the Kafka source reports outages here.)"""
         if down is None:
             if self._broker_down:
                 log.info("kafka broker reachable again")
-            self.loop.health.ok("kafka")
+                self.loop.health.ok("kafka")
         else:
             if not self._broker_down:
                 self.loop.metrics.error("kafka_down")
@@ -329,7 +292,7 @@ class Service:
         self.holder.stop()
         if self.server is not None:
             self.server.stop()
-        if self.source is not None and hasattr(self.source, "close"):
+        if self.source is not None:
             try:
                 self.source.close()
             except Exception as exc:  # closing must not hide the real exit reason
@@ -350,32 +313,50 @@ def build(serve: Mapping[str, Any], policy: PolicyConfig, *, catalog_names: Iter
           source: MetricSource | None = None, actuator: Actuator | None = None,
           api_client: Any = None, holder: ModelHolder | None = None,
           http: bool = True, clock: Callable[[], float] = time.time) -> Service:
-    """Build a Service from the plain `serve` mapping (OmegaConf.to_container(cfg.serve)).
-    `source`/`actuator`/`api_client`/`holder` replace what the config would build (tests)."""
-    from canaryml.serving.factory import build_actuator, build_source
+    """Build a Service from the plain `serve` mapping (OmegaConf.to_container(cfg.serve)) and
+    the policy config (its `monitoring_interval_s` is the tick interval, its
+    `canary_batch_size` the actuator's batch). `source`/`actuator`/`api_client`/`holder`
+    replace what the config would build (tests)."""
+    from canaryml.serving.factory import (
+        actuator_kind,
+        build_actuator,
+        build_source,
+        live_actuator,
+        live_source,
+    )
 
     serve = dict(serve)
-    interval_s = float(serve["interval_s"])
-    if interval_s <= 0:
-        raise ConfigError(f"serve.interval_s={interval_s} must be > 0 seconds")
+    for old, new in (("interval_s", "policy.monitoring_interval_s"),):
+        if old in serve:
+            raise ConfigError(f"serve.{old} is gone: the tick interval is {new} (one key, read "
+                              f"by replay and serve alike); use {new}=…")
+    if "canary_batch_size" in (serve.get("actuator") or {}):
+        raise ConfigError("serve.actuator.canary_batch_size is gone: the batch size is "
+                          "policy.canary_batch_size (one key, read by replay and serve alike)")
+    interval_s = float(policy.monitoring_interval_s)
     deployments = [dict(d) for d in serve.get("deployments") or []]
     discover = serve.get("discover")
-    kind = (serve.get("actuator") or {}).get("kind")
-    needs_kube = kind in ("deployment", "argo") or bool(discover)
+    kind = actuator_kind(serve)
+    if discover and kind.discovers is None:
+        raise ConfigError(f"serve.discover lists Kubernetes objects; actuator kind "
+                          f"{(serve.get('actuator') or {}).get('kind')!r} takes its deployments "
+                          "from serve.deployments only")
+    needs_kube = kind.needs_kube or bool(discover)
     if api_client is None and needs_kube and (actuator is None or discover):
         api_client = kube_api_client((serve.get("actuator") or {}).get("kube_host"))
     metrics = ServeMetrics()
     health = Health()
     # configuration errors first (no thread, file or port held yet)
-    src = source if source is not None else build_source(
+    src = live_source(source) if source is not None else build_source(
         serve, _source_metrics(serve, catalog_names))
-    act = actuator if actuator is not None else build_actuator(serve, api_client)
+    act = live_actuator(actuator) if actuator is not None else build_actuator(
+        serve, api_client, batch_size=policy.canary_batch_size)
     discovery = None
     if discover:
         d = dict(discover)
         discovery = KubeDiscovery(api_client, str(d.get("namespace") or "default"),
                                   str(d.get("label_selector") or ""),
-                                  kind="argo" if kind == "argo" else "deployment")
+                                  kind=kind.discovers or "deployment")
     if holder is None:
         holder = ModelHolder(str(serve["model"]), poll_s=float(serve.get("model_poll_s") or 30),
                              metrics=metrics, health=health)
@@ -389,14 +370,12 @@ def build(serve: Mapping[str, Any], policy: PolicyConfig, *, catalog_names: Iter
     try:
         holder.start()
         min_lookback = int(serve.get("lookback") or 1)
-        scorer_policy = ScorerPolicy("scorer", HeldScorer(holder), RollbackPolicy(policy),
-                                     str(serve["model"]))
-        controller = Controller(scorer_policy, ReportingSource(src, health, metrics),
-                                lookback=max(min_lookback, holder.lookback),
-                                model_version=lambda: holder.version)
         acfg = serve.get("actuator") or {}
-        loop = ServeLoop(controller, act, decision_log, source=src, metrics=metrics,
-                         health=health, model_version=lambda: holder.version, clock=clock,
+        loop = ServeLoop(ScorerPolicy("model", HeldScorer(holder), RollbackPolicy(policy),
+                                      str(serve["model"])),
+                         src, act, decision_log, lookback=max(min_lookback, holder.lookback),
+                         metrics=metrics, health=health, model_version=lambda: holder.version,
+                         clock=clock, ack=src.ack,
                          retry_backoff_s=float(acfg.get("retry_backoff_s", 5.0)),
                          retry_backoff_max_s=float(acfg.get("retry_backoff_max_s", 300.0)))
         if http:
@@ -412,13 +391,13 @@ def build(serve: Mapping[str, Any], policy: PolicyConfig, *, catalog_names: Iter
         if server is not None:
             server.stop()
         raise
-    return Service(holder, controller, loop, deployments=deployments, interval_s=interval_s,
+    return Service(holder, loop, deployments=deployments, interval_s=interval_s,
                    min_lookback=min_lookback, source=src, actuator=act, discovery=discovery,
                    server=server, board=board)
 
 
 def _install_endpoints(server: ObservabilityServer, deployments: list[dict[str, Any]], *,
-                       stale_after_s: float, allow_unauthenticated: bool = False) -> Any:
+                       stale_after_s: float, allow_unauthenticated: bool = False) -> VerdictBoard:
     """The Argo/Flagger verdict endpoints (canaryml.serving.endpoints) on the same server."""
     from canaryml.serving import endpoints
 
