@@ -202,3 +202,28 @@ def test_an_actuator_bug_is_retried_not_fatal(tmp_path: Path) -> None:
     assert after.step == 1 and loop.log.entries("d1")[0].applied
     assert loop.log.pending() == [] and health.snapshot()["status"] == "ok"
     loop.log.close()
+
+
+def test_source_down_for_the_error_limit_rolls_back_through_the_durable_log(
+        tmp_path: Path) -> None:
+    """policy.consecutive_error_limit in the serve loop: N fetch failures in a row → the
+    configured outcome, logged durably and applied; then no more decisions."""
+    from canaryml.control.policies import ScorerPolicy
+    from canaryml.control.policy import PolicyConfig
+    from canaryml.replay.standin import GapZScorer
+
+    cfg = PolicyConfig(warmup_s=0, consecutive_error_limit=3, error_limit_action="rollback")
+    down = SourceError("prometheus unreachable after 4 attempts")
+    source, actuator, metrics = Source([down, down, down]), Flaky(set()), ServeMetrics()
+    loop = ServeLoop(ScorerPolicy("model", GapZScorer(("m",)), RollbackPolicy(cfg)), source,
+                     actuator, DecisionLog(tmp_path / "d.sqlite"), metrics=metrics,
+                     clock=lambda: 1000.0)
+    for _ in range(3):
+        loop.tick(["d1"])
+    assert loop.tick(["d1"]) == []  # terminal: the policy state says rollback
+    entries = loop.log.entries("d1")
+    assert [e.action for e in entries] == [Action.PAUSE, Action.PAUSE, Action.ROLLBACK]
+    assert "consecutive_error_limit=3" in entries[-1].reason and all(e.applied for e in entries)
+    assert actuator.applied[-1] == ("d1", 2, Action.ROLLBACK)
+    assert metrics.registry.get_sample_value("canaryml_errors_total", {"kind": "source"}) == 3
+    loop.log.close()
