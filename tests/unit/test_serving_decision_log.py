@@ -96,3 +96,27 @@ def test_a_corrupt_log_names_the_file_and_the_recovery(tmp_path: Path, damage: s
         log.record("d1", 0, Decision(Action.PAUSE, "fresh", None))
     with DecisionLog(path) as log:
         assert [e.reasons for e in log.entries()] == [("fresh",)] and log.moved_aside is None
+
+
+def test_a_log_written_before_the_reason_column_opens_and_keeps_working(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE decisions (id INTEGER PRIMARY KEY AUTOINCREMENT, deployment_id TEXT NOT NULL,
+            policy TEXT NOT NULL, step INTEGER NOT NULL, decided_at REAL NOT NULL,
+            action TEXT NOT NULL, score REAL, reasons TEXT NOT NULL, evidence TEXT NOT NULL,
+            model_version TEXT, applied INTEGER NOT NULL DEFAULT 0, applied_at REAL, error TEXT,
+            UNIQUE (deployment_id, policy, step));
+        INSERT INTO decisions (deployment_id, policy, step, decided_at, action, score, reasons,
+            evidence) VALUES ('web', 'model', 0, 1.0, 'pause', NULL, '["no data"]', '{}');""")
+    db.commit()
+    db.close()
+    with DecisionLog(path) as log:
+        (old,) = log.entries("web")
+        assert old.reason == "no data" and old.action is Action.PAUSE
+        new = log.record("web", 1, Decision(Action.ROLLBACK, "score 0.9 > 0.5", 0.9,
+                                            {"reasons": ["error_rate=0.8"]}))
+        assert new.reason == "score 0.9 > 0.5" and new.reasons == ("error_rate=0.8",)
+        assert log.entries("web")[1].reason == "score 0.9 > 0.5"
