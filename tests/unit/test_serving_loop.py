@@ -227,3 +227,16 @@ def test_source_down_for_the_error_limit_rolls_back_through_the_durable_log(
     assert actuator.applied[-1] == ("d1", 2, Action.ROLLBACK)
     assert metrics.registry.get_sample_value("canaryml_errors_total", {"kind": "source"}) == 3
     loop.log.close()
+
+
+def test_resume_reads_the_state_saved_before_the_loop_body_was_controller_step(
+        tmp_path: Path) -> None:
+    with DecisionLog(tmp_path / "d.sqlite") as log:
+        log.save_state("d1", 2, {"_finished": False, "decider": PolicyState(ticks=3).to_dict()})
+    loop = loop_of([Decision(Action.CONTINUE, "ok", 0.1)], Flaky(set()),
+                   DecisionLog(tmp_path / "d.sqlite"))
+    loop.resume()
+    assert loop.controller.state("d1")["ticks"] == 3
+    (entry,) = loop.tick(["d1"])
+    assert entry.step == 3 and loop.controller.state("d1")["ticks"] == 4
+    loop.log.close()
