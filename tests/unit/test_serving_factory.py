@@ -52,3 +52,15 @@ def test_unknown_kinds_are_config_errors() -> None:
     bad["deployments"] = [{"id": "d1", "selectors": {}}]
     with pytest.raises(ConfigError, match=r"selectors\.canary"):
         build_source(bad, ["error_rate"])
+
+
+def test_serve_keys_moved_to_policy_are_refused_with_the_new_key() -> None:
+    from canaryml.tasks.serve import refuse_removed_keys
+
+    refuse_removed_keys(serve_cfg())  # the shipped config has none of them
+    with pytest.raises(ConfigError, match=r"use policy\.monitoring_interval_s"):
+        refuse_removed_keys({**serve_cfg(), "interval_s": 30})
+    bad = serve_cfg()
+    bad["actuator"] = {**bad["actuator"], "canary_batch_size": 2}
+    with pytest.raises(ConfigError, match=r"use policy\.canary_batch_size"):
+        refuse_removed_keys(bad)

@@ -374,7 +374,7 @@ def install(server: ObservabilityServer, board: VerdictBoard, *, token: str | No
     (use a few monitoring intervals).
     """
     if not stale_after_s > 0:
-        raise ConfigError(f"stale_after_s={stale_after_s} must be > 0 (a few serve.interval_s)")
+        raise ConfigError(f"stale_after_s={stale_after_s} must be > 0 (a few policy.monitoring_interval_s)")
     if token:
         if server.token and server.token != token:
             raise ConfigError("the HTTP server already has a different bearer token; configure "
