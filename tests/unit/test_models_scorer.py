@@ -83,7 +83,7 @@ def test_variants_recalibrate_and_change_the_mix(scorer: CanaryScorer) -> None:
     a = as_arrays(episode(rng, 80, fault="error_spike", onset=40))
     fo, do = scorer.with_mix(1.0), scorer.with_mix(0.0)
     r_f, r_d = fo.score(_window(a, 70, scorer.lookback)), do.score(_window(a, 70, scorer.lookback))
-    assert fo.weights.forecast_weight == 1.0 and scorer.weights.forecast_weight == 0.5
+    assert fo.weights.forecast_weight == 1.0 and do.weights.forecast_weight == 0.0
     assert r_f.score != r_d.score
     app_only = scorer.with_weights(1.0, 0.0).score(_window(a, 70, scorer.lookback))
     assert app_only.score == pytest.approx(app_only.app_score, abs=1e-9)
@@ -154,3 +154,19 @@ def test_fine_tune_needs_the_same_metrics(scorer: CanaryScorer, dataset: Canonic
     tuned = train_scorer(dataset, TINY, init_from=scorer, ).scorer
     assert tuned.metrics == scorer.metrics
     assert not torch.equal(next(tuned.network.parameters()), next(scorer.network.parameters()))
+
+
+def test_a_min_history_scorer_scores_a_canary_from_its_first_minutes(
+        dataset: CanonicalDataset) -> None:
+    spec = replace(TINY, network=replace(TINY.network, min_history=3))
+    sc = train_scorer(dataset, spec).scorer
+    assert sc.min_steps == 3 + 3 and sc.lookback == 19
+    a = dataset.arrays(str(dataset.deployments["deployment_id"].iloc[0]))
+    series = sc.score_series(a)
+    assert np.isnan(series[: sc.min_steps - 1]).all() and np.isfinite(series[sc.min_steps - 1])
+    for end in (sc.min_steps, sc.min_steps + 4, sc.lookback, sc.lookback + 7):
+        # a window shorter than the lookback (a canary's first minutes) scores like the series
+        assert sc.score(_window(a, end, min(end, sc.lookback))).score == pytest.approx(
+            series[end - 1], rel=1e-5, abs=1e-9)
+    with pytest.raises(ScoringError, match="needs ≥ 6"):
+        sc.score(_window(a, sc.min_steps - 1, sc.min_steps - 1))

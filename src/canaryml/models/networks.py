@@ -27,6 +27,9 @@ class NetworkSpec:
     heads: int = 4
     dropout: float = 0.0
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
+    # fewest history steps a forecast is made from (the rest of the lookback NaN-padded, as at a
+    # canary's start); 0 = the full lookback. Training masks the front of some windows to match.
+    min_history: int = 0
 
     def __post_init__(self) -> None:
         q = self.quantiles
@@ -34,6 +37,9 @@ class NetworkSpec:
             raise ConfigError(
                 f"forecaster.quantiles={list(q)}: need ≥3 increasing values in (0,1) including 0.5"
             )
+        if not 0 <= self.min_history <= self.lookback:
+            raise ConfigError(f"forecaster.min_history={self.min_history} must be in "
+                              f"[0, lookback={self.lookback}] (0 = the full lookback)")
         if self.lookback < 2 or self.horizon < 1:
             raise ConfigError(
                 f"forecaster lookback={self.lookback}, horizon={self.horizon}: need lookback ≥ 2, "

@@ -57,7 +57,7 @@ _CHUNK = 2048
 class ScorerWeights:
     weight_application_metrics: float = 0.7
     weight_infrastructure_metrics: float = 0.3
-    forecast_weight: float = 0.5
+    forecast_weight: float = 1.0
     drift_weight: float = 1.0
     max_eta_s: float = 3600.0
     # deployment-level calibration: the worst tick of the `deployment_quantile` healthy
@@ -210,8 +210,30 @@ class CanaryScorer:
         return self.spec.lookback + self.spec.horizon
 
     @property
+    def min_steps(self) -> int:
+        """Fewest steps a window may hold: `min_history + horizon` (the rest of `lookback` is
+        NaN-padded at the front); `lookback` for a model trained without a `min_history`."""
+        h = self.spec.min_history
+        return self.lookback if h <= 0 else h + self.spec.horizon
+
+    @property
     def step_s(self) -> int:
         return self._step_s
+
+    def padded(self, canary: np.ndarray, baseline: np.ndarray | None
+               ) -> tuple[np.ndarray, np.ndarray | None, int | None]:
+        """[T, M] series NaN-padded at the front so that their sliding `lookback` windows end
+        on ticks `first`, `first + 1`, … `T − 1` (`first` = min_steps − 1; None when T is
+        shorter than min_steps)."""
+        first = self.min_steps - 1
+        if len(canary) <= first:
+            return canary, baseline, None
+        pad = self.lookback - self.min_steps
+
+        def front(x: np.ndarray) -> np.ndarray:
+            return np.concatenate([np.full((pad, x.shape[1]), np.nan, x.dtype), x]) if pad else x
+
+        return front(canary), None if baseline is None else front(baseline), first
 
     def score(self, window: Window) -> ScoreResult:
         return self.score_batch([window])[0]
@@ -251,11 +273,11 @@ class CanaryScorer:
         n_ticks = len(arrays.timestamps_s)
         keys = ("score", "app_score", "infra_score", "forecast_error", "detector_score", "breach_eta_s")
         out = {k: np.full(n_ticks, np.nan) for k in keys}
-        if n_ticks < w:
-            return out
         idx = self._index_for(arrays.metrics, arrays.deployment_id)
-        can = arrays.canary[:, idx]
-        base = None if arrays.baseline is None else arrays.baseline[:, idx]
+        can, base, first = self.padded(arrays.canary[:, idx],
+                                       None if arrays.baseline is None else arrays.baseline[:, idx])
+        if first is None:
+            return out
         views_c = np.lib.stride_tricks.sliding_window_view(can, w, axis=0).transpose(0, 2, 1)
         views_b = (None if base is None else
                    np.lib.stride_tricks.sliding_window_view(base, w, axis=0).transpose(0, 2, 1))
@@ -267,7 +289,7 @@ class CanaryScorer:
             for k in keys:
                 vals = res[k].astype(float)
                 vals[res["invalid"]] = np.nan
-                out[k][w - 1 + lo: w - 1 + hi] = vals
+                out[k][first + lo: first + hi] = vals
             n_invalid += int(res["invalid"].sum())
         if n_invalid:
             log.warning("deployment %s: %d tick(s) not scored (a metric missing for a whole "
@@ -317,14 +339,18 @@ class CanaryScorer:
                 f"deployment {window.deployment_id!r}: {group} has shape {values.shape}, expected "
                 f"[T, {len(window.metrics)}] for metrics {window.metrics}"
             )
-        if values.shape[0] < self.lookback:
+        if values.shape[0] < self.min_steps:
             raise ScoringError(
                 f"deployment {window.deployment_id!r}: window has {values.shape[0]} steps but the "
-                f"scorer needs ≥ {self.lookback} (lookback {self.spec.lookback} + horizon "
-                f"{self.spec.horizon}); fetch scorer.lookback steps"
+                f"scorer needs ≥ {self.min_steps} (history {self.spec.min_history or self.spec.lookback}"
+                f" + horizon {self.spec.horizon}); the first score comes once the canary has run "
+                "that long"
             )
         idx = self._index_for(window.metrics, f"deployment {window.deployment_id!r}")
-        return values[-self.lookback:, idx]
+        v = values[-self.lookback:, idx]
+        if len(v) < self.lookback:  # a canary's first minutes: NaN-pad the front
+            v = np.concatenate([np.full((self.lookback - len(v), v.shape[1]), np.nan, v.dtype), v])
+        return v
 
     def _forecast(self, inputs: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -202,7 +202,8 @@ def train_scorer(dataset: CanonicalDataset, spec: TrainSpec, *, work_dir: Path |
     gap_scale = init_from.gap_scale if init_from is not None else _gap_scale(scaler, train_items)
     w = net_spec.lookback + net_spec.horizon
     train_ds = WindowDataset(_healthy_series(scaler, train_items), net_spec.lookback,
-                             net_spec.horizon, tr.stride, tr.max_train_windows, spec.seed)
+                             net_spec.horizon, tr.stride, tr.max_train_windows, spec.seed,
+                             min_history=net_spec.min_history)
     val_ds = WindowDataset(_healthy_series(scaler, val_items), net_spec.lookback, net_spec.horizon,
                            max(tr.stride, 2), tr.max_train_windows // 4, spec.seed)
     if len(train_ds) == 0:
@@ -313,18 +314,20 @@ def _detector_calibration_split(val_items: Sequence[tuple[DeploymentArrays, Depl
 
 def _healthy_components(scorer: CanaryScorer, items: Sequence[tuple[DeploymentArrays, DeploymentInfo]]
                         ) -> dict[str, np.ndarray]:
-    """Raw components of every valid window that ends on a healthy tick."""
+    """Raw components of every valid window that ends on a healthy tick (partial windows at a
+    deployment's start included when the forecaster has a `min_history`)."""
     parts: dict[str, list[np.ndarray]] = {}
-    w = scorer.lookback
     for group, (arr, info) in enumerate(items):
-        if len(arr.timestamps_s) < w:
+        can, base, first = scorer.padded(arr.canary, arr.baseline)
+        if first is None:
             continue
-        mask = healthy_mask(arr.timestamps_s, info.label, info.fault_onset_s)[w - 1:]
+        w = scorer.lookback
+        mask = healthy_mask(arr.timestamps_s, info.label, info.fault_onset_s)[first:]
         if not mask.any():
             continue
-        vc = np.lib.stride_tricks.sliding_window_view(arr.canary, w, axis=0).transpose(0, 2, 1)[mask]
-        vb = (None if arr.baseline is None else
-              np.lib.stride_tricks.sliding_window_view(arr.baseline, w, axis=0).transpose(0, 2, 1)[mask])
+        vc = np.lib.stride_tricks.sliding_window_view(can, w, axis=0).transpose(0, 2, 1)[mask]
+        vb = (None if base is None else
+              np.lib.stride_tricks.sliding_window_view(base, w, axis=0).transpose(0, 2, 1)[mask])
         comps = scorer._components(np.ascontiguousarray(vc),
                                    None if vb is None else np.ascontiguousarray(vb))
         keep = ~comps["invalid"]

@@ -164,7 +164,8 @@ class WindowDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """
 
     def __init__(self, series: Sequence[np.ndarray], lookback: int, horizon: int, stride: int = 1,
-                 max_windows: int | None = None, seed: int = 0):
+                 max_windows: int | None = None, seed: int = 0, min_history: int = 0,
+                 partial_share: float = 0.3):
         self.series = [np.ascontiguousarray(s, dtype=np.float32) for s in series]
         self.lookback, self.horizon = lookback, horizon
         w = lookback + horizon
@@ -179,6 +180,13 @@ class WindowDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             rng = np.random.default_rng(seed)
             index = index[np.sort(rng.choice(len(index), max_windows, replace=False))]
         self.index = index
+        # a share of the windows sees only the last `min_history`..`lookback - 1` steps (the rest
+        # NaN, as at a canary's first minutes): drawn once, so an epoch is reproducible
+        self.cut = np.zeros(len(index), np.int64)
+        if 0 < min_history < lookback and len(index):
+            rng = np.random.default_rng(seed + 1)
+            partial = rng.random(len(index)) < partial_share
+            self.cut[partial] = rng.integers(1, lookback - min_history + 1, int(partial.sum()))
 
     def __len__(self) -> int:
         return len(self.index)
@@ -186,5 +194,8 @@ class WindowDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         i, s = self.index[k]
         x = self.series[i][s: s + self.lookback]
+        if self.cut[k]:
+            x = x.copy()
+            x[: self.cut[k]] = np.nan
         y = self.series[i][s + self.lookback: s + self.lookback + self.horizon]
         return torch.from_numpy(model_input(x)), torch.from_numpy(y.copy())
