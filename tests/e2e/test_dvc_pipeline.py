@@ -168,9 +168,9 @@ def test_dvc_pipeline_reproduces_and_skips_what_did_not_change(repo: Repo) -> No
     shown = json.loads(repo.dvc("metrics", "show", "--json"))
     metrics = shown[""]["data"]["experiments/replay/dvc_summary.json"]["data"]
     scorer = metrics["policies"]["scorer"]
-    assert scorer["threshold"] == NEW_THRESHOLD
+    assert scorer["settings"]["rollback_threshold"] == NEW_THRESHOLD
     assert 0.0 <= scorer["detection_rate"] <= 1.0
     diff = json.loads(repo.dvc("metrics", "diff", "--json"))
     changed = diff["experiments/replay/dvc_summary.json"]
-    assert changed["policies.scorer.threshold"]["old"] == 0.5
-    assert changed["policies.scorer.threshold"]["new"] == NEW_THRESHOLD
+    assert changed["policies.scorer.settings.rollback_threshold"]["old"] == 0.5
+    assert changed["policies.scorer.settings.rollback_threshold"]["new"] == NEW_THRESHOLD

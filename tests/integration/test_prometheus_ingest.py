@@ -57,7 +57,7 @@ def test_ingest_range_queries_into_canonical_dataset(tmp_path: Path) -> None:
             start_prometheus(tmp_path / "prom", [target], scrape_interval_s=1) as url:
         wait_for_scrapes(url, "test_latency_p99_seconds", 1)
         t_start = int(np.ceil(time.time())) + 1
-        time.sleep(5)
+        time.sleep(5)  # the served values span ≥ 5 s of scrapes before the flip (data, not a wait)
         switch_at = time.time()
         # a concurrent writer flips the served values while Prometheus keeps scraping
         flipper = threading.Thread(target=serve_phase, args=(1,))
@@ -119,7 +119,5 @@ def test_unreachable_prometheus_is_a_source_error() -> None:
 
     client = PrometheusClient(f"http://127.0.0.1:{free_port()}", timeout_s=0.5, retries=2,
                               backoff_s=0.01)
-    t0 = time.monotonic()
     with pytest.raises(SourceError, match=r"unreachable after 3 attempt\(s\)"):
         client.query_range("up", 0, 10, 1)
-    assert time.monotonic() - t0 < 5

@@ -33,7 +33,6 @@ from canaryml.replay.evaluate import ROLLED_BACK, ScoreHistory
 from canaryml.replay.sim import RecordingActuator, ReplaySource, SeriesScorer, SimulatedClock
 
 log = logging.getLogger(__name__)
-TERMINAL = ("rollback", "promote")
 
 
 @dataclass
@@ -106,7 +105,7 @@ def replay_deployment(controller: Controller, deployment_id: str, ticks: Sequenc
     for now in ticks:
         rec = controller.step(deployment_id, now)
         out.append(rec)
-        if rec.action in TERMINAL:
+        if controller.is_final(deployment_id):  # the policy state says so, as in serve
             break
     return out
 
