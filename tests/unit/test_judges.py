@@ -94,3 +94,15 @@ def test_kayenta_judge_rolls_back_on_a_bad_interval() -> None:
             if last.action == "rollback":
                 break
         assert last is not None and last.action == want
+
+
+def test_mann_whitney_p_value_equals_scipy_asymptotic_with_continuity() -> None:
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(4)
+    for _ in range(30):
+        x = np.round(rng.normal(1.0, 0.3, rng.integers(3, 12)), 1)  # ties on purpose
+        y = np.round(rng.normal(1.1, 0.3, rng.integers(3, 12)), 1)
+        want = mannwhitneyu(x, y, alternative="two-sided", method="asymptotic",
+                            use_continuity=True).pvalue
+        assert mann_whitney(x, y).p_value == pytest.approx(min(1.0, want), abs=1e-12)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -51,6 +52,7 @@ FORMAT_VERSION = 2
 KINDS = ("app", "infra")
 _CLIP = 50.0
 _CHUNK = 2048
+_MEMO_MIN_BLOCK = 32
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,9 @@ class CanaryScorer:
         self._sigma_div = float(norm.ppf(qs[-1]) - norm.ppf(qs[0]))
         self._joint = self._joint_forest()
         self._index_cache: dict[tuple[str, ...], np.ndarray] = {}
+        # raw components of the last few series blocks, shared with the re-weighted copies
+        # (`with_mix`, `with_weights`): replay scores a deployment's series once for all variants
+        self._memo: OrderedDict[tuple[Any, ...], dict[str, np.ndarray]] = OrderedDict()
         self._warned_no_baseline = False
         self._recalibrate()
 
@@ -307,10 +312,12 @@ class CanaryScorer:
                                   weight_infrastructure_metrics=float(infra)))
 
     def _copy(self, weights: ScorerWeights) -> CanaryScorer:
-        return CanaryScorer(spec=self.spec, network=self.network, scaler=self.scaler,
+        copy = CanaryScorer(spec=self.spec, network=self.network, scaler=self.scaler,
                             metrics=self._metrics, catalog=self.catalog, detectors=self.detectors,
                             calibration=self.calibration, weights=weights, step_s=self._step_s,
                             gap_scale=self.gap_scale, info=self.info)
+        copy._memo = self._memo
+        return copy
 
     # ---- core ------------------------------------------------------------------------------
     def _index_for(self, metrics: Sequence[str], who: str) -> np.ndarray:
@@ -483,7 +490,17 @@ class CanaryScorer:
         self._power_kind = [_deployment_power(kind_raw[:, k], g, q, a) for k in range(2)]
 
     def _score_block(self, can: np.ndarray, base: np.ndarray | None) -> dict[str, np.ndarray]:
-        comps = self._components(can, base)
+        if len(can) < _MEMO_MIN_BLOCK:  # single windows (live ticks): nothing to share
+            comps = self._components(can, base)
+        else:
+            key = (self.weights.drift_weight, can.shape, hash(can.tobytes()),
+                   None if base is None else hash(base.tobytes()))
+            comps = self._memo.get(key)  # type: ignore[assignment]
+            if comps is None:
+                comps = self._components(can, base)
+                self._memo[key] = comps
+                while len(self._memo) > 8:
+                    self._memo.popitem(last=False)
         fe = np.stack([comps["fe_app"], comps["fe_infra"]], 1)
         det = np.stack([comps["det_app"], comps["det_infra"]], 1)
         fe_n, det_n, kind_raw = self._kind_raw(fe, det)
