@@ -2,7 +2,10 @@
 
 Write order, so that a crash never acts twice and never loses an entry:
 
-1. `record()` the decision (intent) and commit it to disk — before anything is acted on;
+1. `record()` the decision (intent) and commit it to disk — before anything is acted on; the
+   serve loop's `append(record, state)` commits the controller state after the decision in
+   the same transaction, so a restart never decides a logged step a second time (it would
+   act on the new decision while the log keeps the first);
 2. the actuator applies it (idempotent per (deployment, step, action): a retry is a no-op);
 3. `mark_applied()` (or `mark_failed()`; or `mark_skipped()` for an action that can never be
    applied, e.g. no actuator target: it is not pending and never re-applied).
@@ -180,13 +183,16 @@ class DecisionLog:
             self._db.execute("COMMIT")
 
     # --- decisions ---------------------------------------------------------------------------
-    def append(self, record: LogRecord) -> LogEntry:
+    def append(self, record: LogRecord, state: Mapping[str, Any] | None = None) -> LogEntry:
         """The `DecisionSink` of `Controller.step`: durably log the intent and return the row.
-        (The controller emits the key=value line.)"""
+        (The controller emits the key=value line.) With `state`, the deployment's controller
+        state after this decision is saved in the same transaction (as `save_state` at
+        `record.step`), so a process killed at any later point resumes after this step and
+        never decides it again."""
         decision = Decision(Action(record.action), record.reason, record.score,
                             dict(record.evidence))
         entry, _ = self._insert(record.deployment_id, record.step, decision, record.policy,
-                                record.decided_at, record.model_version)
+                                record.decided_at, record.model_version, state)
         return entry
 
     def record(self, deployment_id: str, step: int, decision: Decision, *, policy: str = "model",
@@ -204,7 +210,8 @@ class DecisionLog:
         return entry
 
     def _insert(self, deployment_id: str, step: int, decision: Decision, policy: str,
-                decided_at: float, model_version: str | None) -> tuple[LogEntry, bool]:
+                decided_at: float, model_version: str | None,
+                state: Mapping[str, Any] | None = None) -> tuple[LogEntry, bool]:
         with self._tx() as db:
             cur = db.execute(
                 "INSERT OR IGNORE INTO decisions (deployment_id, policy, step, decided_at, action,"
@@ -215,6 +222,8 @@ class DecisionLog:
                  model_version, decision.reason),
             )
             inserted = cur.rowcount == 1
+            if inserted and state is not None:
+                self._save_state(db, deployment_id, step, state)
             row = db.execute("SELECT * FROM decisions WHERE deployment_id=? AND policy=? AND step=?",
                              (deployment_id, policy, int(step))).fetchone()
         entry = self._entry(row)
@@ -257,12 +266,24 @@ class DecisionLog:
     def save_state(self, deployment_id: str, step: int, state: Mapping[str, Any]) -> None:
         """Persist the controller's per-deployment state (policy history, batch, phase)."""
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO controller_state (deployment_id, last_step, state, updated_at) "
-                "VALUES (?,?,?,?) ON CONFLICT(deployment_id) DO UPDATE SET "
-                "last_step=excluded.last_step, state=excluded.state, updated_at=excluded.updated_at",
-                (deployment_id, int(step), json.dumps(dict(state), default=str), time.time()),
-            )
+            self._save_state(db, deployment_id, step, state)
+
+    @staticmethod
+    def _save_state(db: sqlite3.Connection, deployment_id: str, step: int,
+                    state: Mapping[str, Any]) -> None:
+        db.execute(
+            "INSERT INTO controller_state (deployment_id, last_step, state, updated_at) "
+            "VALUES (?,?,?,?) ON CONFLICT(deployment_id) DO UPDATE SET "
+            "last_step=excluded.last_step, state=excluded.state, updated_at=excluded.updated_at",
+            (deployment_id, int(step), json.dumps(dict(state), default=str), time.time()),
+        )
+
+    def last_steps(self) -> dict[str, int]:
+        """The highest logged step per deployment (whatever the policy)."""
+        with self._lock:
+            rows = self._db.execute("SELECT deployment_id, max(step) FROM decisions "
+                                    "GROUP BY deployment_id").fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
 
     def load_state(self, deployment_id: str) -> tuple[int, dict[str, Any]] | None:
         """(last_step, state) saved for `deployment_id`, or None for a new deployment."""

@@ -14,7 +14,9 @@ controller's observer. Per deployment and tick, `Controller.step` does:
 3. `decided`: the source is acked (Kafka commits offsets only now).
 4. The actuator applies it (idempotent per (deployment, step, action)); `applied` /
    `apply_failed` mark the entry applied, or failed with the reason.
-5. `stepped`: the policy state is saved so a restarted controller resumes.
+5. `stepped`: nothing more to save — the policy state after the decision was committed
+   with the record in step 2 (one transaction), so a controller killed at any point after
+   it resumes at the next step and never decides a logged step again.
 
 An action the actuator could not apply stays *unapplied*: the loop retries it at the start of
 later ticks, per deployment with exponential backoff (`retry_backoff_s` doubling up to
@@ -83,7 +85,7 @@ class ServeLoop(ControllerObserver):
             raise ConfigError(f"actuator retry backoff {retry_backoff_s}s / max "
                               f"{retry_backoff_max_s}s must satisfy 0 <= backoff <= max "
                               "(serve.actuator.retry_backoff_s, retry_backoff_max_s)")
-        self.controller = Controller(policy, source, actuator, decision_log,
+        self.controller = Controller(policy, source, actuator, _CheckpointingSink(self),
                                      model_version=model_version, lookback=lookback,
                                      observer=self, clock=clock)
         self.actuator = actuator
@@ -101,10 +103,14 @@ class ServeLoop(ControllerObserver):
         """Restore per-deployment state from the log and re-apply intents never applied (in
         the order they were logged; a deployment's later intents wait for its earlier ones)."""
         states = self.log.states()
+        logged = self.log.last_steps()
         for dep, (last_step, state) in states.items():
             # ("decider": the key of logs written before the loop body was Controller.step)
             policy_state = state.get("policy") or state.get("decider") or {}
-            self.controller.restore(dep, policy_state, next_step=last_step + 1)
+            # a log written before the state was saved with each record may hold a step past
+            # the checkpoint: never decide a logged step again
+            next_step = max(last_step, logged.get(dep, last_step)) + 1
+            self.controller.restore(dep, policy_state, next_step=next_step)
         per_dep: dict[str, list[LogEntry]] = {}
         for entry in self.log.pending():
             per_dep.setdefault(entry.deployment_id, []).append(entry)
@@ -158,7 +164,7 @@ class ServeLoop(ControllerObserver):
         self._not_landed(_entry(record), exc, ())
 
     def stepped(self, record: LogRecord, state: dict[str, Any]) -> None:
-        self.log.save_state(record.deployment_id, record.step, {"policy": state})
+        """The state was committed with the record (`_CheckpointingSink`)."""
 
     # ---- applying and retrying ------------------------------------------------------------
     def _apply(self, entry: LogEntry, then: tuple[LogEntry, ...] = ()) -> None:
@@ -226,6 +232,19 @@ class ServeLoop(ControllerObserver):
             f"deployment={dep} step={u.entry.step} action={u.entry.action} not applied after "
             f"{u.attempts} attempt(s), retrying: {u.error}"
             for dep, u in sorted(self.unapplied.items())))
+
+
+class _CheckpointingSink:
+    """The controller's decision sink: the record and the deployment's policy state after
+    it, in one DecisionLog transaction (`Controller.decide` has updated the state before
+    `append` is called)."""
+
+    def __init__(self, loop: ServeLoop) -> None:
+        self.loop = loop
+
+    def append(self, record: LogRecord) -> LogEntry:
+        state = {"policy": self.loop.controller.state(record.deployment_id)}
+        return self.loop.log.append(record, state)
 
 
 def _entry(record: LogRecord) -> LogEntry:
