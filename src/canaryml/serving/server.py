@@ -16,8 +16,11 @@ webhooks, which cannot send headers, also accept the token in their JSON body).
 
 Hardening (before any routing or auth): a request body over `max_body_bytes` (default 1 MiB)
 is refused with 413 without being read, a bad or chunked `Content-Length` with 400/411; a
-connection that sends nothing for `read_timeout_s` (default 10 s) is closed (slow clients
-cannot hold threads); the listen backlog is `backlog` (default 1024, not the stdlib's 5: with
+connection that sends nothing for `read_timeout_s` (default 10 s) is closed, and a request
+whose line, headers and body have not all arrived within `request_deadline_s` (default 30 s)
+is answered 408 and closed — a client dribbling a byte at a time (slowloris) never trips the
+per-read timeout, so without the deadline it could hold a thread for as long as it liked; a
+body shorter than its Content-Length is a 400, never handled as a request; the listen backlog is `backlog` (default 1024, not the stdlib's 5: with
 128, a burst of 500 clients arriving while the accept loop is busy had ~15 % of its
 connections reset; the kernel caps it at net.core.somaxconn); JSON
 nested deeper than `MAX_JSON_DEPTH` is a 400, never a 500.
@@ -25,11 +28,14 @@ nested deeper than `MAX_JSON_DEPTH` is a 400, never a 500.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
 import os
+import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -75,6 +81,7 @@ API_PREFIX = "/api/"
 MAX_BODY_BYTES = 1 << 20  # webhook payloads are a few hundred bytes
 MAX_JSON_DEPTH = 32
 READ_TIMEOUT_S = 10.0
+REQUEST_DEADLINE_S = 30.0
 BACKLOG = 1024  # a burst of hundreds of probes/webhooks must queue, not be reset
 
 
@@ -242,7 +249,8 @@ class ObservabilityServer:
 
     def __init__(self, metrics: ServeMetrics, health: Health, *, host: str | None = None,
                  port: int = 0, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-                 read_timeout_s: float = READ_TIMEOUT_S, backlog: int = BACKLOG) -> None:
+                 read_timeout_s: float = READ_TIMEOUT_S, backlog: int = BACKLOG,
+                 request_deadline_s: float = REQUEST_DEADLINE_S) -> None:
         self.metrics = metrics
         self.health = health
         env_host = os.environ.get(HOST_ENV)
@@ -253,6 +261,12 @@ class ObservabilityServer:
         self.token = token or None
         self.max_body_bytes = int(max_body_bytes)
         self.read_timeout_s = float(read_timeout_s)
+        self.request_deadline_s = float(request_deadline_s)
+        # handler -> monotonic time by which its request must have been read (see _reap)
+        self._deadlines: dict[Any, float] = {}
+        self._deadline_lock = threading.Lock()
+        self._reaper_stop = threading.Event()
+        self._reaper: threading.Thread | None = None
         self.backlog = int(backlog)
         self._routes: dict[tuple[str, str], Handler] = {}
         self._self_auth: set[tuple[str, str]] = set()
@@ -323,6 +337,15 @@ class ObservabilityServer:
             protocol_version = "HTTP/1.1"
             timeout = server.read_timeout_s  # socket timeout: a silent client is dropped
 
+            expired = False  # set by the reaper when the request deadline passed
+
+            def handle_one_request(self) -> None:
+                server._arm(self)
+                try:
+                    super().handle_one_request()
+                finally:
+                    server._disarm(self)
+
             def _body(self) -> bytes:
                 """Read the body, or `BadRequest` before reading anything questionable."""
                 if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
@@ -334,15 +357,25 @@ class ObservabilityServer:
                 if length > server.max_body_bytes:
                     raise BadRequest(f"body of {length} bytes is over the limit of "
                                      f"{server.max_body_bytes} bytes", 413)
-                return self.rfile.read(length) if length else b""
+                body = self.rfile.read(length) if length else b""
+                if len(body) < length:
+                    raise BadRequest(f"body of {len(body)} bytes is shorter than its "
+                                     f"Content-Length {length}")
+                return body
 
             def _serve(self) -> None:
                 parts = urlsplit(self.path)
+                late = BadRequest(f"request not received within "
+                                  f"{server.request_deadline_s:g} s", 408)
                 try:
                     body = self._body()
+                    server._disarm(self)  # the request is in: handling it is not the client's time
+                    if self.expired:  # reads ended by the deadline: the request is cut short
+                        raise late
                 except BadRequest as exc:  # before routing and auth; the body stays unread
+                    why = late if self.expired else exc
                     self.close_connection = True
-                    resp = Response.json({"error": str(exc)}, exc.status)
+                    resp = Response.json({"error": str(why)}, why.status)
                 else:
                     req = Request(self.command, parts.path, parse_qs(parts.query), body,
                                   dict(self.headers))
@@ -370,11 +403,45 @@ class ObservabilityServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="canaryml-http",
                                         daemon=True)
         self._thread.start()
+        self._reaper_stop.clear()
+        self._reaper = threading.Thread(target=self._reap, name="canaryml-http-deadline",
+                                        daemon=True)
+        self._reaper.start()
         log.info("observability server on %s (/metrics, /healthz, /livez%s)", self.url,
                  ", /api/ with bearer token" if self.token else "")
         return self
 
+    # ---- request deadline ------------------------------------------------------------------
+    def _arm(self, handler: Any) -> None:
+        with self._deadline_lock:
+            self._deadlines[handler] = time.monotonic() + self.request_deadline_s
+
+    def _disarm(self, handler: Any) -> None:
+        with self._deadline_lock:
+            self._deadlines.pop(handler, None)
+
+    def _reap(self) -> None:
+        """Cut the reading side of every connection whose request is past its deadline: the
+        handler's blocked read returns, it answers 408 (`expired`) and closes."""
+        every_s = min(0.5, self.request_deadline_s / 4)
+        while not self._reaper_stop.wait(every_s):
+            now = time.monotonic()
+            with self._deadline_lock:
+                due = [h for h, t in self._deadlines.items() if t <= now]
+                for h in due:
+                    del self._deadlines[h]
+            for h in due:
+                h.expired = True
+                log.debug("http: request from %s not received within %g s; closing",
+                          h.client_address, self.request_deadline_s)
+                with contextlib.suppress(OSError):
+                    h.connection.shutdown(socket.SHUT_RD)
+
     def stop(self) -> None:
+        self._reaper_stop.set()
+        if self._reaper is not None:
+            self._reaper.join(5)
+            self._reaper = None
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
