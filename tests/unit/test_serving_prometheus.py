@@ -93,3 +93,19 @@ def test_default_config_queries_render() -> None:
     for metric, template in cfg.serve.source.prometheus.queries.items():
         q = render_query(template, 'app="web"')
         assert "{selector}" not in q and '{app="web"' in q, metric
+
+
+def test_history_baseline_is_the_canary_series_shifted_back(fake: Any) -> None:
+    srv, (_, seen) = fake
+    sel = {"d1": Selectors('app="web",track="canary"')}  # no baseline replica
+    src = PrometheusSource(srv.url, QUERIES, sel, step_s=10, backoff_s=0.01,
+                           baseline="history", history_offset_s=600)
+    w = src.fetch("d1", now_s=1055, lookback=4)
+    assert w.baseline is not None
+    np.testing.assert_array_equal(w.baseline[:, 0], w.canary[:, 0])  # the fake serves 2.0 both
+    lat = [r for r in seen if r.query["query"][0].startswith("max(lat")]
+    assert [(float(r.query["start"][0]), float(r.query["end"][0])) for r in lat] == [
+        (1020.0, 1050.0), (420.0, 450.0)]  # the canary window, then 600 s earlier
+    assert all('track="canary"' in r.query["query"][0] for r in lat)
+    with pytest.raises(ConfigError, match="history_offset_s"):
+        PrometheusSource(srv.url, QUERIES, sel, step_s=10, baseline="history", history_offset_s=0)

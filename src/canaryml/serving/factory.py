@@ -134,7 +134,9 @@ def _prometheus(serve: Mapping[str, Any], metrics: Sequence[str]) -> LiveSource:
     return PrometheusSource(str(p["url"]), dict(p["queries"]), selectors,
                             step_s=float(serve["step_s"]), metrics=list(metrics),
                             timeout_s=float(p["timeout_s"]), retries=int(p["retries"]),
-                            backoff_s=float(p["backoff_s"]))
+                            backoff_s=float(p["backoff_s"]),
+                            baseline=str(p.get("baseline", "selector")),
+                            history_offset_s=float(p.get("history_offset_s", 3600.0)))
 
 
 def _kafka(serve: Mapping[str, Any], metrics: Sequence[str]) -> LiveSource:

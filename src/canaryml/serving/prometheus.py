@@ -1,7 +1,10 @@
 """Live Prometheus source: one PromQL query per catalog metric and group, on the step grid.
 
 Queries are templates with a `{selector}` placeholder (a label-matcher list such as
-`app="web",track="canary"`); each deployment has a canary and a baseline selector. A series
+`app="web",track="canary"`); each deployment has a canary and a baseline selector — or, with
+`baseline="history"` (a service with no live baseline replica), the baseline is the canary
+selector's own series `history_offset_s` earlier, re-stamped onto the decision's grid (the
+stable version before the rollout, as Kayenta's retrospective analysis compares). A series
 that Prometheus does not have becomes NaN (no data: the policy pauses, never promotes). An
 unreachable server, after `retries` attempts with exponential backoff, raises `SourceError`.
 """
@@ -42,7 +45,16 @@ class PrometheusSource:
     def __init__(self, url: str, queries: Mapping[str, str], selectors: Mapping[str, Selectors],
                  *, step_s: float, metrics: Sequence[str] | None = None, timeout_s: float = 5.0,
                  retries: int = 3, backoff_s: float = 0.5,
-                 session: requests.Session | None = None) -> None:
+                 session: requests.Session | None = None, baseline: str = "selector",
+                 history_offset_s: float = 3600.0) -> None:
+        if baseline not in ("selector", "history"):
+            raise ConfigError(f"serve.source.prometheus.baseline={baseline!r}; use selector (a "
+                              "baseline label matcher per deployment) or history")
+        if baseline == "history" and history_offset_s <= 0:
+            raise ConfigError(f"serve.source.prometheus.history_offset_s={history_offset_s} must "
+                              "be > 0 seconds (how far back the baseline window lies)")
+        self.baseline = baseline
+        self.history_offset_s = float(history_offset_s)
         if step_s <= 0:
             raise ConfigError(f"step_s={step_s} must be > 0 (serve.step_s)")
         if retries < 0:
@@ -108,13 +120,18 @@ class PrometheusSource:
         end = math.floor(now_s / self.step_s) * self.step_s
         grid = end - self.step_s * np.arange(lookback - 1, -1, -1, dtype=np.float64)
         index = {round(t / self.step_s): i for i, t in enumerate(grid)}
-        groups = {"canary": sel.canary} | ({"baseline": sel.baseline} if sel.baseline else {})
+        groups: dict[str, tuple[str, float]] = {"canary": (sel.canary, 0.0)}
+        if self.baseline == "history":
+            groups["baseline"] = (sel.canary, self.history_offset_s)
+        elif sel.baseline:
+            groups["baseline"] = (sel.baseline, 0.0)
         out = {g: np.full((lookback, len(self.metrics)), np.nan, dtype=np.float32) for g in groups}
-        for g, selector in groups.items():
+        for g, (selector, shift) in groups.items():
             for j, metric in enumerate(self.metrics):
                 q = render_query(self.queries[metric], selector)
-                for ts, v in self.query_range(q, float(grid[0]), float(grid[-1])).items():
-                    i = index.get(round(ts / self.step_s))
+                got = self.query_range(q, float(grid[0]) - shift, float(grid[-1]) - shift)
+                for ts, v in got.items():
+                    i = index.get(round((ts + shift) / self.step_s))
                     if i is not None:
                         out[g][i, j] = v
         nodata = [m for j, m in enumerate(self.metrics) if np.isnan(out["canary"][:, j]).all()]
