@@ -156,6 +156,10 @@ def log_scorer(scorer: CanaryScorer, registered_model: str = REGISTERED_MODEL,
             pip_requirements=_PIP, registered_model_name=registered_model)
     client = MlflowClient()
     version = str(info.registered_model_version)
+    for key, value in (scorer.operating_point or {}).items():
+        if isinstance(value, int | float | str):  # threshold, hysteresis, target: searchable tags
+            client.set_model_version_tag(registered_model, version, f"operating_point.{key}",
+                                         str(value))
     if alias:
         client.set_registered_model_alias(registered_model, alias, version)
     log.info("registered %s version %s%s", registered_model, version,

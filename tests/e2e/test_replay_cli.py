@@ -86,7 +86,7 @@ def test_replay_writes_beside_a_readme_and_refuses_a_foreign_folder(tmp_path: Pa
     args = [f"dataset={ds}", "model=standin", "replay.policies=[scorer]", "replay.mlflow=false",
             "replay.report.enabled=false", "replay.bootstrap.samples=10"]
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(OutputDirError, match="notes.txt"):
+    with pytest.raises(OutputDirError, match=r"notes\.txt"):
         task.run(compose("replay", [*args, f"out={out}"]))
     (out / "notes.txt").unlink()
     assert task.run(compose("replay", [*args, f"out={out}"])) == 0

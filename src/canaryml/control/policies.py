@@ -60,12 +60,17 @@ class Policy(Protocol):
 
 @dataclass
 class ScorerPolicy:
-    """Scorer + RollbackPolicy. A scorer exception becomes a fail-safe PAUSE with the reason."""
+    """Scorer + RollbackPolicy. A scorer exception becomes a fail-safe PAUSE with the reason.
+
+    With `rollback.config.follow_model` (config `policy.rollback_threshold: null`) the threshold
+    and hysteresis come from the scorer's fitted `operating_point`, looked up at every tick: a
+    hot-swapped model (serve's ModelHolder) brings its own operating point with it."""
 
     name: str
     scorer: Scorer
     rollback: RollbackPolicy = field(default_factory=RollbackPolicy)
     model_version: str | None = None
+    _followed: tuple[Any, RollbackPolicy] | None = field(default=None, init=False, repr=False)
 
     @property
     def lookback(self) -> int:
@@ -74,28 +79,39 @@ class ScorerPolicy:
     def initial_state(self) -> PolicyState:
         return self.rollback.initial_state()
 
+    def current_rollback(self) -> RollbackPolicy:
+        """The rollback policy in force now (the model's operating point when following it)."""
+        if not self.rollback.config.follow_model:
+            return self.rollback
+        op = getattr(self.scorer, "operating_point", None)
+        key = None if not op else (op.get("rollback_threshold"), op.get("consecutive_breaches"))
+        if self._followed is None or self._followed[0] != key:
+            self._followed = (key, RollbackPolicy(self.rollback.config.for_model(self.scorer)))
+        return self._followed[1]
+
     def step(self, window: Window | None, now_s: float, state: PolicyState, *,
              failure: str | None = None) -> tuple[Decision, PolicyState]:
+        rollback = self.current_rollback()
         if failure is not None or window is None:
-            return self.rollback.decide(None, now_s, state, failure=failure or "no window")
+            return rollback.decide(None, now_s, state, failure=failure or "no window")
         if state.final is not None:  # terminal: no need to score again
-            return self.rollback.decide(None, now_s, state)
+            return rollback.decide(None, now_s, state)
         try:
             result = self.scorer.score(window)
         except Exception as exc:  # fail-safe boundary: a broken model pauses, never acts
             level = logging.DEBUG if isinstance(exc, ScoringError) else logging.WARNING
             log.log(level, "policy=%s deployment=%s scorer failed: %s: %s", self.name,
                         window.deployment_id, type(exc).__name__, exc)
-            return self.rollback.decide(None, now_s, state,
-                                        failure=f"scorer failed: {type(exc).__name__}: {exc}")
+            return rollback.decide(None, now_s, state,
+                                   failure=f"scorer failed: {type(exc).__name__}: {exc}")
         top = sorted(result.contributions.items(), key=lambda kv: -kv[1])[:5]
         evidence = {"app_score": result.app_score, "infra_score": result.infra_score,
                     "forecast_error": result.forecast_error,
                     "detector_score": result.detector_score,
                     "breach_eta_s": result.breach_eta_s,
                     "contributions": {m: round(v, 4) for m, v in top if v > 0}}
-        return self.rollback.decide(result.score, now_s, state, reasons=result.top_reasons(3),
-                                    evidence=evidence)
+        return rollback.decide(result.score, now_s, state, reasons=result.top_reasons(3),
+                               evidence=evidence)
 
 
 def _recent(window: Window, seconds: float) -> np.ndarray:

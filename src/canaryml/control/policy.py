@@ -64,6 +64,9 @@ class PolicyConfig:
     breach_inclusive: bool = False
     consecutive_error_limit: int | None = None  # fail-safe ticks in a row; None = no limit
     error_limit_action: str = "pause"  # pause | rollback, once the limit is reached
+    # a scorer policy takes its threshold and hysteresis from the model's fitted operating point
+    # when it has one (config `rollback_threshold: null`); the values above are the fallback
+    follow_model: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -101,8 +104,13 @@ class PolicyConfig:
     def from_mapping(cls, data: Mapping[str, Any]) -> PolicyConfig:
         """From user config: also requires the thresholds to lie in the score's range [0, 1]
         (library code may still build out-of-range sentinels, e.g. 2.0 = never roll back)."""
-        reject_unknown_keys(data, (f.name for f in fields(cls)), "policy config")
-        cfg = cls(**dict(data))
+        reject_unknown_keys(data, (f.name for f in fields(cls) if f.name != "follow_model"),
+                            "policy config")
+        d = dict(data)
+        if d.get("rollback_threshold", 0.5) is None:  # null: the model's own operating point
+            d["rollback_threshold"] = cls.rollback_threshold
+            d["follow_model"] = True
+        cfg = cls(**d)
         for name in ("rollback_threshold", "clean_threshold"):
             value = getattr(cfg, name)
             if value is not None and not 0.0 <= value <= 1.0:
@@ -112,6 +120,16 @@ class PolicyConfig:
                     f"{'never' if value > 1 else 'always'} be crossed. Use a value in [0, 1], "
                     f"e.g. policy.{name}=0.5 (conf/policy/*.yaml).")
         return cfg
+
+    def for_model(self, scorer: object) -> PolicyConfig:
+        """This config at the model's fitted operating point (`scorer.operating_point`) when it
+        follows the model and the model has one; else unchanged."""
+        op = getattr(scorer, "operating_point", None) if self.follow_model else None
+        if not op:
+            return self
+        return replace(self.with_threshold(float(op["rollback_threshold"])),
+                       consecutive_breaches=int(op.get("consecutive_breaches",
+                                                       self.consecutive_breaches)))
 
     def with_threshold(self, threshold: float) -> PolicyConfig:
         """Copy at another rollback threshold (the clean threshold keeps its offset)."""

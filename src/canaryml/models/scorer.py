@@ -164,8 +164,13 @@ class CanaryScorer:
     def __init__(self, *, spec: NetworkSpec, network: torch.nn.Module, scaler: Scaler,
                  metrics: Sequence[str], catalog: Catalog, detectors: dict[str, ResidualDetector | None],
                  calibration: Calibration, weights: ScorerWeights, step_s: int,
-                 gap_scale: np.ndarray | None = None, info: dict[str, Any] | None = None):
+                 gap_scale: np.ndarray | None = None, info: dict[str, Any] | None = None,
+                 operating_point: dict[str, Any] | None = None):
         self.spec = spec
+        # the rollback threshold and hysteresis chosen at training time for a target false-
+        # rollback rate (canaryml.replay.protocol.choose_operating_point); policies that follow
+        # the model (policy.rollback_threshold: null) use it. None = not chosen.
+        self.operating_point = None if operating_point is None else dict(operating_point)
         self.gap_scale = (np.ones(spec.n_metrics, np.float32) if gap_scale is None
                           else np.asarray(gap_scale, np.float32))
         self.network = network.eval()
@@ -316,7 +321,7 @@ class CanaryScorer:
                             metrics=self._metrics, catalog=self.catalog, detectors=self.detectors,
                             calibration=self.calibration, weights=weights, step_s=self._step_s,
                             gap_scale=self.gap_scale, info=self.info)
-        copy._memo = self._memo
+        copy._memo = self._memo  # operating_point stays None: it was chosen for this mix only
         return copy
 
     # ---- core ------------------------------------------------------------------------------
@@ -549,6 +554,7 @@ class CanaryScorer:
                 "format_version": FORMAT_VERSION, "spec": asdict(self.spec),
                 "weights": asdict(self.weights), "catalog": self.catalog.to_mapping(),
                 "metrics": list(self._metrics), "step_s": self._step_s, "info": self.info,
+                "operating_point": self.operating_point,
             })
             c = self.calibration
             np.savez(tmp / "state.npz", center=self.scaler.center, scale=self.scaler.scale,
@@ -587,7 +593,8 @@ class CanaryScorer:
                                                st["det_scale"],
                                                None if (st["groups"] < 0).all() else st["groups"]),
                        weights=ScorerWeights(**meta["weights"]), step_s=int(meta["step_s"]),
-                       gap_scale=st["gap_scale"], info=meta.get("info", {}))
+                       gap_scale=st["gap_scale"], info=meta.get("info", {}),
+                       operating_point=meta.get("operating_point"))
         except ModelLoadError:
             raise
         except Exception as exc:  # corrupt/partial bundle: one clear error, not a traceback

@@ -350,7 +350,9 @@ def spec_from_mapping(forecaster: dict[str, Any], detector: dict[str, Any], scor
     f["quantiles"] = tuple(float(q) for q in f.get("quantiles", (0.1, 0.5, 0.9)))
     d = dict(detector)
     kind = d.pop("kind", "iforest")
-    t = {k: v for k, v in trainer.items() if k not in ("init_from", "since")}
+    # read by the train task, not by the fit: init_from/since pick data, operating_point_frr
+    # the fitted threshold's false-rollback target
+    t = {k: v for k, v in trainer.items() if k not in ("init_from", "since", "operating_point_frr")}
     try:
         return TrainSpec(network=NetworkSpec(**f), detector=DetectorSpec(kind, tuple(sorted(d.items()))),
                          weights=ScorerWeights(**scorer), trainer=TrainerSpec(**t), seed=seed,

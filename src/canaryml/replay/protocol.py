@@ -65,12 +65,14 @@ def family(name: str, models: Mapping[str, str]) -> str:
 
 
 def configured_settings(name: str, models: Mapping[str, str], pcfg: PolicyConfig,
-                        rcfg: Mapping[str, Any]) -> dict[str, Any]:
-    """A policy's settings as configured (`policy.*`, `replay.argo.*`, `replay.kayenta.*`)."""
+                        rcfg: Mapping[str, Any], scorer: object = None) -> dict[str, Any]:
+    """A policy's settings as configured (`policy.*`, `replay.argo.*`, `replay.kayenta.*`); a
+    scorer's come from its fitted operating point when the policy follows the model."""
     fam = family(name, models)
     if fam == "scorer":
-        return {"rollback_threshold": pcfg.rollback_threshold,
-                "consecutive_breaches": pcfg.consecutive_breaches}
+        cfg = pcfg.for_model(scorer)
+        return {"rollback_threshold": cfg.rollback_threshold,
+                "consecutive_breaches": cfg.consecutive_breaches}
     if fam == "argo":
         a = rcfg["argo"]
         return {"metrics": a["metrics"], "limit_fraction": float(a["limit_fraction"]),
@@ -156,7 +158,8 @@ def build_policies(names: list[str], models: dict[str, str], model_uri: str, pcf
     scorers, versions = load_scorers(names, models, model_uri, rcfg.get("lookback"), ds)
     builder = PolicyBuilder(ds.catalog, tuple(ds.metrics), float(ds.step_s), pcfg, scorers,
                             models, versions)
-    return [builder.build(n, configured_settings(n, models, pcfg, rcfg)) for n in names]
+    return [builder.build(n, configured_settings(n, models, pcfg, rcfg, scorers.get(n)))
+            for n in names]
 
 
 @dataclass
@@ -182,7 +185,7 @@ class PolicyBuilder:
         if fam == "scorer":
             sc = self.scorers[name]
             cfg = replace(self.pcfg, rollback_threshold=float(s["rollback_threshold"]),
-                          consecutive_breaches=int(s["consecutive_breaches"]))
+                          consecutive_breaches=int(s["consecutive_breaches"]), follow_model=False)
             return ReplayPolicy(ScorerPolicy(label, sc, RollbackPolicy(cfg),
                                              self.versions.get(name)), sc)
         if fam == "argo":
@@ -354,6 +357,42 @@ def calibrate(ds: CanonicalDataset, names: Sequence[str], base: Mapping[str, dic
         out[name] = Tuned(name, settings, {k: op.get(k) for k in op if k != "threshold"}
                           | {"swept_threshold": op.get("threshold")}, tried[name])
     return out
+
+
+def choose_operating_point(scorer: Any, ds: CanonicalDataset, deployment_ids: Sequence[str],
+                           pcfg: PolicyConfig, target_frr: float,
+                           consecutive: Sequence[int] = (1, 2, 3), *,
+                           thresholds: np.ndarray | None = None) -> dict[str, Any] | None:
+    """The scorer's own operating point, chosen like replay's calibration on held-back labelled
+    deployments (training's validation split): the threshold and hysteresis that catch most
+    faulty canaries before impact at a false-rollback rate ≤ `target_frr`. None when those
+    deployments hold no healthy canary (nothing to bound the false rollbacks with)."""
+    deps = deployment_table(ds)
+    deps = deps[deps["deployment_id"].isin(set(deployment_ids))].reset_index(drop=True)
+    if not (deps["label"] == "healthy").any():
+        log.warning("no healthy deployment among the %d held back: no operating point chosen; "
+                    "policies use policy.rollback_threshold", len(deps))
+        return None
+    cfg = replace(pcfg, follow_model=False)
+    rp = ReplayPolicy(ScorerPolicy("scorer", scorer, RollbackPolicy(cfg)), scorer)
+    result = replay(ds, [rp], interval_s=cfg.monitoring_interval_s, deployments=deps,
+                    progress=False, decide=False)
+    hist = result.histories["scorer"]
+    grid = np.linspace(0.0, 1.0, 101) if thresholds is None else thresholds
+    best: tuple[int, dict[str, Any]] | None = None
+    for c in consecutive:
+        cc = replace(cfg, consecutive_breaches=int(c))
+        op = operating_point(sweep_table(hist, cc, deps, breakpoints(hist, cc, grid)), target_frr)
+        if op is not None and (best is None or _better(op, best[1])):
+            best = (int(c), op)
+    if best is None:
+        return None
+    c, op = best
+    return {"rollback_threshold": float(op["threshold"]), "consecutive_breaches": c,
+            "target_frr": float(target_frr), "chosen_on": "validation deployments",
+            "deployments": len(deps), "healthy": int((deps["label"] == "healthy").sum()),
+            "false_rollback_rate": op.get("false_rollback_rate"),
+            "caught_before_impact": op.get("caught_before_impact")}
 
 
 def blind(deps: pd.DataFrame) -> pd.DataFrame:

@@ -94,7 +94,7 @@ def _never_acting(policy: Policy) -> Policy:
     shadow = copy.copy(policy)
     cfg = policy.rollback.config
     shadow.rollback = RollbackPolicy(replace(  # type: ignore[misc]
-        cfg, rollback_threshold=2.0, clean_threshold=None, max_batches=10**9))
+        cfg, rollback_threshold=2.0, clean_threshold=None, max_batches=10**9, follow_model=False))
     return shadow
 
 

@@ -76,7 +76,7 @@ def run(cfg: DictConfig) -> int:
         family(n, models)  # unknown names fail before anything is loaded
     first = datasets[0][1]
     scorers, versions = load_scorers(names, models, str(cfg.model), rc.get("lookback"), first)
-    base = {n: configured_settings(n, models, pcfg, rc) for n in names}
+    base = {n: configured_settings(n, models, pcfg, rc, scorers.get(n)) for n in names}
     thresholds = np.linspace(0.0, 1.0, int(rc["sweep"]["thresholds"]))
     cal = rc["calibration"]
     tuned = None

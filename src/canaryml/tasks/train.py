@@ -88,6 +88,27 @@ def _save_scorer(scorer: Any, out: Path, *, run_id: str, version: Any,
     return path
 
 
+def _operating_point(cfg: DictConfig, dataset: CanonicalDataset, result: Any
+                     ) -> dict[str, Any] | None:
+    """The model's threshold and hysteresis for `trainer.operating_point_frr`, chosen on the
+    validation deployments (never trained on) with replay's own calibration code."""
+    import mlflow
+
+    from canaryml.control.policy import PolicyConfig
+    from canaryml.replay.protocol import choose_operating_point
+
+    pcfg = PolicyConfig.from_mapping(cast(dict, OmegaConf.to_container(cfg.policy, resolve=True)))
+    target = float(cfg.trainer.get("operating_point_frr", 0.01))
+    op = choose_operating_point(result.scorer, dataset, result.split["val"], pcfg, target)
+    if op is not None:
+        log.info("operating point: threshold %.4f, %d breach(es) in a row, for FRR <= %g on %d "
+                 "validation deployments", op["rollback_threshold"], op["consecutive_breaches"],
+                 target, op["deployments"])
+        mlflow.log_metrics({"operating_point/rollback_threshold": op["rollback_threshold"],
+                            "operating_point/consecutive_breaches": op["consecutive_breaches"]})
+    return op
+
+
 def process_rank() -> int:
     """Global rank of this process in a multi-device (DDP) fit: Lightning starts ranks ≥ 1 as
     copies of this command with `LOCAL_RANK`/`NODE_RANK` set; torchrun and SLURM set `RANK`."""
@@ -137,6 +158,7 @@ def run(cfg: DictConfig) -> int:
                             dataset_hash=dataset.content_hash,
                             tags={"command": "train", "init_from": str(init_from or "")}) as run:
         result = train_scorer(dataset, spec, init_from=champion)
+        result.scorer.operating_point = _operating_point(cfg, dataset, result)
         for h in result.history:
             mlflow.log_metrics({k: v for k, v in h.items() if k != "epoch"}, step=int(h["epoch"]))
         mlflow.log_metrics(result.metrics)

@@ -185,6 +185,11 @@ class TrialRunner:
                                  horizon_s=s.horizon_s, model_version=f"trial-{trial.number}")
             mlflow.log_metrics(score.metrics())
             attrs |= score.metrics()
+            if score.threshold_at_frr is not None:  # the trial's own operating point, fitted
+                result.scorer.operating_point = {  # on the hold-out like train's on validation
+                    "rollback_threshold": float(score.threshold_at_frr),
+                    "consecutive_breaches": pcfg.consecutive_breaches,
+                    "target_frr": float(s.max_frr), "chosen_on": "tune hold-out"}
             value = (score.caught_at_frr if s.objective == "replay"
                      else (score.caught, score.false_rollback))
         if "test/roc_auc" in result.metrics:
