@@ -416,9 +416,36 @@ def test_retrain_cronjob_is_valid() -> None:
     assert len(job["spec"]["schedule"].split()) == 5
     pod = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     assert pod["restartPolicy"] in ("OnFailure", "Never")
+    # admitted by a `restricted` namespace (Pod Security Standards)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for c in pod["containers"]:
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert any("canaryml" in " ".join(c.get("command", []) + c.get("args", []))
                or c.get("image", "").startswith("ghcr.io/canaryml/")
                for c in pod["containers"])
+
+
+def test_network_policy_admits_only_the_callers_on_the_http_port() -> None:
+    pol = _one("NetworkPolicy")
+    assert _roundtrip(pol, "V1NetworkPolicy") == _strip_nulls(json.loads(json.dumps(pol)))
+    pods = _controller()["spec"]["template"]["metadata"]["labels"]
+    sel = pol["spec"]["podSelector"]["matchLabels"]
+    assert sel.items() <= pods.items()  # it selects the controller pods
+    assert pol["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = pol["spec"]["ingress"]
+    assert rule["ports"] == [{"port": HTTP_PORT, "protocol": "TCP"}]
+    assert _container()["ports"][0]["containerPort"] == HTTP_PORT
+    assert all("namespaceSelector" in peer for peer in rule["from"])
+
+
+def test_pinned_role_example_is_role_yaml_plus_resource_names() -> None:
+    (role,) = _docs(EXAMPLES / "role-resource-names.yaml")
+    base = _one("Role", "canaryml-controller")
+    assert [{k: v for k, v in r.items() if k != "resourceNames"} for r in role["rules"]] \
+        == base["rules"]
+    assert all(r["resourceNames"] for r in role["rules"])
 
 
 # -- Dockerfile ------------------------------------------------------------------------------
