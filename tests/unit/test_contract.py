@@ -218,6 +218,16 @@ def test_samples_for_unknown_deployment(tmp_path: Path) -> None:
     assert "add those deployments" in msg
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), 1e39])
+def test_infinite_or_beyond_float32_values_are_refused(tmp_path: Path, bad: float) -> None:
+    deps, samples = tiny_bundle()
+    samples.loc[3, "value"] = bad
+    bundle = _write_csv_bundle(tmp_path / "b", deps, samples)
+    msg = _ingest_fails(tmp_path, bundle)
+    assert "column 'value'" in msg and "infinite or beyond float32" in msg
+    assert "lines 5" in msg and "NaN for a missed scrape" in msg
+
+
 def test_non_numeric_values(tmp_path: Path) -> None:
     deps, samples = tiny_bundle()
     samples["value"] = samples["value"].astype(object)

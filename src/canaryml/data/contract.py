@@ -422,12 +422,16 @@ def _codes(path: Path, table: pa.Table, column: str, allowed: list[str] | None
     return codes, allowed, nulls
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def sample_codes(table: pa.Table, deployments: pd.DataFrame, path: Path | str = "<samples>"
                  ) -> SampleCodes:
     """Validate samples against the contract and return their integer codes.
 
     Raises `DataContractError` for a missing column, an unknown group, a sample for an unknown
-    deployment, an empty metric, a non-numeric value or a bad timestamp.
+    deployment, an empty metric, a non-numeric, infinite or beyond-float32 value or a bad
+    timestamp.
     """
     path = Path(path)
     _require_columns(path, table, SAMPLES_REQUIRED)
@@ -465,6 +469,13 @@ def sample_codes(table: pa.Table, deployments: pd.DataFrame, path: Path | str = 
             raise _rows_error(path, "value", table, bad, "is not a number",
                               "write floats (NaN for a missed scrape)") from None
     values = pc.cast(value, pa.float64()).to_numpy()  # nulls become NaN
+    # the canonical dataset stores float32: ±inf or a value past its range would arrive there as
+    # inf and poison every mean and forecast it touches
+    if not (np.abs(values[~np.isnan(values)]) <= _F32_MAX).all():
+        bad = np.flatnonzero(~np.isnan(values) & ~(np.abs(values) <= _F32_MAX))
+        raise _rows_error(path, "value", table, bad, "is infinite or beyond float32 (±3.4e38)",
+                          "write finite values (NaN for a missed scrape); for a metric that "
+                          "large, use a bigger unit")
     tsi = pc.cast(ts, pa.int64()).to_numpy(zero_copy_only=False)
     return SampleCodes(dep, grp.astype(np.int8), met, tsi, np.asarray(values, np.float64),
                        tuple(met_names))
