@@ -43,3 +43,17 @@ def reject_unknown_keys(data: Iterable[str], known: Iterable[str], where: str) -
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"{where} has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def config_int(value: object, key: str, *, low: int | None = None, high: int | None = None) -> int:
+    """`value` of config key `key` as an int in [low, high], or a ConfigError naming the key."""
+    try:
+        number = int(value)  # type: ignore[call-overload]
+        if isinstance(value, float) and number != value:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a whole number; give e.g. {key}=15") from None
+    if (low is not None and number < low) or (high is not None and number > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ConfigError(f"{key}={number} is outside {bounds}")
+    return number

@@ -21,7 +21,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from canaryml.errors import ModelLoadError
+from canaryml.errors import ConfigError, ModelLoadError
 from canaryml.paths import default_tracking_uri, repo_root
 
 if TYPE_CHECKING:
@@ -43,6 +43,12 @@ def tracking_uri(cfg_value: str | None = None) -> str:
 
 def configure(cfg_value: str | None = None) -> str:
     uri = tracking_uri(cfg_value)
+    if uri.startswith("sqlite:///"):  # MLflow would create the missing folders, then find nothing
+        folder = Path(uri[len("sqlite:///"):]).expanduser().parent
+        if not folder.is_dir():
+            raise ConfigError(f"MLflow store {uri}: the folder {folder} does not exist; create it "
+                              "or point MLFLOW_TRACKING_URI / mlflow.tracking_uri at an existing "
+                              "one (e.g. sqlite:///mlflow.db in the working directory)")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri

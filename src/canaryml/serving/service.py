@@ -36,7 +36,7 @@ from typing import Any
 from canaryml.control.policies import ScorerPolicy
 from canaryml.control.policy import PolicyConfig, RollbackPolicy
 from canaryml.control.types import Actuator, MetricSource
-from canaryml.errors import ConfigError
+from canaryml.errors import ConfigError, config_int
 from canaryml.serving.decision_log import DecisionLog, LogEntry
 from canaryml.serving.endpoints import VerdictBoard
 from canaryml.serving.factory import LiveActuator, LiveSource
@@ -368,7 +368,8 @@ def build(serve: Mapping[str, Any], policy: PolicyConfig, *, catalog_names: Iter
         if http:
             h = dict(serve.get("http") or {})
             server = ObservabilityServer(metrics, health, host=h.get("host"),
-                                         port=int(h.get("port") or 0))
+                                         port=config_int(h.get("port") or 0, "serve.http.port",
+                                                         low=0, high=65535))
             board = _install_endpoints(server, deployments, stale_after_s=3 * interval_s,
                                        allow_unauthenticated=bool(h.get("allow_unauthenticated")))
             server.start()

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from canaryml.catalog import Catalog
 from canaryml.data.atomic import check_output_dir
 from canaryml.data.dataset import MANIFEST, OWNS_DATASET
-from canaryml.errors import ConfigError
+from canaryml.errors import ConfigError, config_int
 from canaryml.ingest import SOURCES, Ingested, write_ingested
 from canaryml.paths import repo_root
 
@@ -80,7 +80,8 @@ def run(cfg: DictConfig) -> int:
                                    source="conf/metrics")
     step = icfg.get("step_s")
     manifest = write_ingested(ingested, out, catalog=catalog,
-                              step_s=None if step is None else int(step), name=icfg.get("name"))
+                              step_s=None if step is None else config_int(step, "ingest.step_s", low=1),
+                              name=icfg.get("name"))
     c = manifest["counts"]
     print(f"ingest {source}: {c['deployments']} deployments, {c['rows']} rows × "
           f"{len(manifest['metrics'])} metrics at {manifest['step_s']}s, {c['gaps']} gaps, "
