@@ -172,3 +172,28 @@ def test_check_output_dir_without_a_marker_allows_only_new_or_empty(tmp_path: Pa
         check_output_dir(tmp_path)
     with pytest.raises(OutputDirError, match="the input folder is inside it"):
         check_output_dir(tmp_path, inputs=[tmp_path / "a" / "b"])
+
+
+def test_scratch_left_by_a_killed_run_is_removed_by_the_next_one(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from canaryml.data.atomic import atomic_dir
+
+    out = tmp_path / "out"
+    # a process that created its scratch folder and was SIGKILLed before cleaning up
+    code = ("import os, signal, sys; from pathlib import Path; "
+            "from canaryml.data.atomic import atomic_dir\n"
+            f"with atomic_dir(Path({str(out)!r})) as tmp:\n"
+            "    (tmp / 'half').write_text('x'); os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code], check=False)
+    assert proc.returncode == -9
+    left = list(tmp_path.glob(".out.tmp-*"))
+    assert len(left) == 1 and not out.exists()
+    unrelated = tmp_path / ".out.tmp-notes"  # not of the pattern: never touched
+    unrelated.mkdir()
+    with atomic_dir(out) as tmp:
+        (tmp / "done").write_text("ok")
+    assert (out / "done").read_text() == "ok"
+    assert not left[0].exists() and unrelated.is_dir()
+    assert [p.name for p in tmp_path.glob(".out.tmp-*")] == [".out.tmp-notes"]

@@ -143,6 +143,29 @@ def check_output_dir(out: PathLike, *, marker: str | None = None, owns: Owns | N
 
 
 # ---- writers -------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _scratch(path: Path) -> Path:
+    """A new scratch folder beside `path`, named after this process; scratch folders of `path`
+    left by a process that no longer runs (killed before it could clean up) are removed first.
+    Only folders of exactly this pattern are touched: they are this command's own leftovers."""
+    prefix = f".{path.name}.tmp-"
+    for stale in path.parent.glob(prefix + "*-*"):
+        pid = stale.name[len(prefix):].split("-", 1)[0]
+        if stale.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=path.parent))
+
+
+
 @contextlib.contextmanager
 def atomic_dir(out: PathLike, *, marker: str | None = None, owns: Owns | None = None,
                inputs: Iterable[PathLike | None] = (), what: str = "out",
@@ -158,7 +181,7 @@ def atomic_dir(out: PathLike, *, marker: str | None = None, owns: Owns | None = 
                               "kind": kind}
     path = check_output_dir(out, **checks)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = _scratch(path)
     _usual_mode(tmp, directory=True)
     try:
         yield tmp
@@ -196,7 +219,7 @@ def atomic_outputs(out: PathLike, *, marker: str, owns: Owns | None = None,
                               "kind": kind}
     path = check_output_dir(out, **checks)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = _scratch(path)
     try:
         yield tmp
         if not (tmp / marker).is_file():
