@@ -153,16 +153,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _scratch(path: Path) -> Path:
-    """A new scratch folder beside `path`, named after this process; scratch folders of `path`
-    left by a process that no longer runs (killed before it could clean up) are removed first.
-    Only folders of exactly this pattern are touched: they are this command's own leftovers."""
+def _begin(out: PathLike, checks: dict[str, Any]) -> tuple[Path, Path]:
+    """The checked output folder and a new scratch folder beside it, named after this process;
+    scratch folders of the same output left by a process that no longer runs (killed before it
+    could clean up) are removed first. Only folders of exactly this pattern are touched: they
+    are this command's own leftovers."""
+    path = check_output_dir(out, **checks)
+    path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}.tmp-"
     for stale in path.parent.glob(prefix + "*-*"):
         pid = stale.name[len(prefix):].split("-", 1)[0]
         if stale.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=path.parent))
+    _usual_mode(tmp, directory=True)
+    return path, tmp
 
 
 
@@ -176,13 +181,9 @@ def atomic_dir(out: PathLike, *, marker: str | None = None, owns: Owns | None = 
     right before the swap. On any exception the temporary folder is removed and `out` is left
     as it was (absent or holding the previous complete output).
     """
-    inputs = tuple(inputs)
-    checks: dict[str, Any] = {"marker": marker, "owns": owns, "inputs": inputs, "what": what,
-                              "kind": kind}
-    path = check_output_dir(out, **checks)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _scratch(path)
-    _usual_mode(tmp, directory=True)
+    checks: dict[str, Any] = {"marker": marker, "owns": owns, "inputs": tuple(inputs),
+                              "what": what, "kind": kind}
+    path, tmp = _begin(out, checks)
     try:
         yield tmp
         check_output_dir(path, **checks)  # nothing foreign appeared while we worked
@@ -214,12 +215,9 @@ def atomic_outputs(out: PathLike, *, marker: str, owns: Owns | None = None,
     `out` is taken by a folder (or the reverse) is refused before anything moves. On any
     exception nothing in `out` changes.
     """
-    inputs = tuple(inputs)
-    checks: dict[str, Any] = {"marker": marker, "owns": owns, "inputs": inputs, "what": what,
-                              "kind": kind}
-    path = check_output_dir(out, **checks)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _scratch(path)
+    checks: dict[str, Any] = {"marker": marker, "owns": owns, "inputs": tuple(inputs),
+                              "what": what, "kind": kind}
+    path, tmp = _begin(out, checks)
     try:
         yield tmp
         if not (tmp / marker).is_file():
