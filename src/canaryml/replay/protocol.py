@@ -278,8 +278,22 @@ class CalibrationSpace:
         return (1,) if fam == "kayenta" else self.consecutive_breaches
 
 
-def _sweep_config(rp: ReplayPolicy, consecutive: int) -> PolicyConfig:
-    return replace(rp.policy.rollback.config, consecutive_breaches=int(consecutive))
+def best_threshold(history: ScoreHistory, cfg: PolicyConfig, deps: pd.DataFrame,
+                   consecutive: Sequence[int], thresholds: np.ndarray, target_frr: float
+                   ) -> tuple[int, dict[str, Any] | None, int]:
+    """Sweep `history` over every threshold for each hysteresis in `consecutive`: the best
+    (consecutive, operating point) at a false-rollback rate ≤ `target_frr` (op None if none
+    reaches it) and how many (consecutive, threshold) pairs were compared."""
+    best: tuple[int, dict[str, Any] | None] = (int(consecutive[0]), None)
+    compared = 0
+    for c in consecutive:
+        cc = replace(cfg, consecutive_breaches=int(c))
+        grid = breakpoints(history, cc, thresholds)
+        compared += len(grid)
+        op = operating_point(sweep_table(history, cc, deps, grid), target_frr)
+        if op is not None and _better(op, best[1]):
+            best = (int(c), op)
+    return best[0], best[1], compared
 
 
 def breakpoints(history: ScoreHistory, cfg: PolicyConfig, grid: np.ndarray) -> np.ndarray:
@@ -336,17 +350,11 @@ def calibrate(ds: CanonicalDataset, names: Sequence[str], base: Mapping[str, dic
     tried: dict[str, int] = dict.fromkeys(names, 0)
     for name, s, rp in candidates:
         fam = family(name, builder.models)
-        hist = result.histories[rp.name]
-        for c in space.consecutive(fam):
-            cfg = _sweep_config(rp, c)
-            grid = breakpoints(hist, cfg, thresholds)
-            sw = sweep_table(hist, cfg, deps, grid)
-            tried[name] += len(grid)
-            op = operating_point(sw, target_frr)
-            if op is None:
-                continue
-            if _better(op, best.get(name, (None, None))[1]):
-                best[name] = (at_threshold(fam, s, float(op["threshold"]), c), op)
+        c, op, compared = best_threshold(result.histories[rp.name], rp.policy.rollback.config,
+                                         deps, space.consecutive(fam), thresholds, target_frr)
+        tried[name] += compared
+        if op is not None and _better(op, best.get(name, (None, None))[1]):
+            best[name] = (at_threshold(fam, s, float(op["threshold"]), c), op)
     out = {}
     for name in names:
         if name not in best:
@@ -377,17 +385,10 @@ def choose_operating_point(scorer: Any, ds: CanonicalDataset, deployment_ids: Se
     rp = ReplayPolicy(ScorerPolicy("scorer", scorer, RollbackPolicy(cfg)), scorer)
     result = replay(ds, [rp], interval_s=cfg.monitoring_interval_s, deployments=deps,
                     progress=False, decide=False)
-    hist = result.histories["scorer"]
     grid = np.linspace(0.0, 1.0, 101) if thresholds is None else thresholds
-    best: tuple[int, dict[str, Any]] | None = None
-    for c in consecutive:
-        cc = replace(cfg, consecutive_breaches=int(c))
-        op = operating_point(sweep_table(hist, cc, deps, breakpoints(hist, cc, grid)), target_frr)
-        if op is not None and (best is None or _better(op, best[1])):
-            best = (int(c), op)
-    if best is None:
+    c, op, _ = best_threshold(result.histories["scorer"], cfg, deps, consecutive, grid, target_frr)
+    if op is None:
         return None
-    c, op = best
     return {"rollback_threshold": float(op["threshold"]), "consecutive_breaches": c,
             "target_frr": float(target_frr), "chosen_on": "validation deployments",
             "deployments": len(deps), "healthy": int((deps["label"] == "healthy").sum()),
