@@ -29,7 +29,7 @@ from canaryml.serving.decision_log import DecisionLog
 from tests.harness.kafka import TansuBroker
 from tests.harness.kube import DEPLOYMENTS, KubeHarness, start_kube
 from tests.integration.test_serve_faults import until
-from tests.integration.test_serve_task import levels, tiny_scorer_dir  # noqa: F401 (fixture)
+from tests.integration.test_serve_task import levels
 
 pytestmark = [pytest.mark.slow, pytest.mark.services, pytest.mark.timeout(300)]
 
@@ -176,7 +176,7 @@ def _finished(log_path: Path, deps: list[str]) -> bool:
 
 
 def test_chaos_kills_broker_restart_api_faults_and_poison_never_lose_or_repeat_an_action(
-        tmp_path: Path, tiny_scorer_dir: Path) -> None:  # noqa: F811
+        tmp_path: Path, tiny_scorer_dir: Path) -> None:
     rng = random.Random(SEED)
     deps = [f"c{i:02d}" for i in range(N_CANARIES)]
     # 8 bad canaries (rolled back), the others promoted; each start group holds both kinds

@@ -16,7 +16,6 @@ from canaryml.serving.kafka import KafkaSource
 from tests.harness.kafka import TansuBroker
 from tests.integration.test_kafka_source import FAST, TOPIC
 from tests.integration.test_serve_faults import POLICY, serve_cfg, until
-from tests.integration.test_serve_task import tiny_scorer_dir  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(180)]
 
@@ -63,7 +62,7 @@ def test_future_dated_and_non_finite_events_are_rejected_and_counted(tmp_path: P
 
 
 def test_broker_outage_is_counted_and_in_healthz_without_any_deployment(
-        mlflow_uri: str, tmp_path: Path, tiny_scorer_dir: Path) -> None:  # noqa: F811
+        mlflow_uri: str, tmp_path: Path, tiny_scorer_dir: Path) -> None:
     from canaryml.tasks import serve as serve_task
 
     broker = TansuBroker(tmp_path / "tansu")

@@ -32,7 +32,7 @@ from canaryml.serving.model_holder import ModelHolder
 from canaryml.tasks import serve as serve_task
 from tests.harness.kube import DEPLOYMENTS, KubeHarness, start_kube
 from tests.harness.prometheus import free_port
-from tests.integration.test_serve_task import levels, tiny_scorer_dir  # noqa: F401 (fixture)
+from tests.integration.test_serve_task import levels
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(300)]
 
@@ -92,7 +92,7 @@ def deployment_actuator(kube: KubeHarness, retries: int = 2) -> DeploymentActuat
 
 
 def test_prometheus_down_pauses_with_the_reason_and_never_acts(
-        mlflow_uri: str, tmp_path: Path, tiny_scorer_dir: Path, kube: KubeHarness) -> None:  # noqa: F811
+        mlflow_uri: str, tmp_path: Path, tiny_scorer_dir: Path, kube: KubeHarness) -> None:
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: Prometheus is down
     serve = serve_cfg(tmp_path, f"serve.model={tiny_scorer_dir}", f"serve.source.prometheus.url={dead}",
                       "serve.source.prometheus.retries=1", "serve.source.prometheus.backoff_s=0.01",
@@ -121,7 +121,7 @@ def test_prometheus_down_pauses_with_the_reason_and_never_acts(
 
 
 def test_api_409_and_503_never_act_twice_and_a_restart_reapplies_pending(
-        mlflow_uri: str, tmp_path: Path, tiny_scorer_dir: Path, kube: KubeHarness) -> None:  # noqa: F811
+        mlflow_uri: str, tmp_path: Path, tiny_scorer_dir: Path, kube: KubeHarness) -> None:
     serve = serve_cfg(tmp_path, f"serve.model={tiny_scorer_dir}")
     serve["deployments"] = [{"id": "web"}, {"id": "api"}]
     source = ReplaySource({d: arrays(d, bad=True) for d in ("web", "api")})
@@ -160,7 +160,7 @@ def test_api_409_and_503_never_act_twice_and_a_restart_reapplies_pending(
 
 
 def test_a_failed_rollback_is_retried_until_applied_and_health_says_so(
-        mlflow_uri: str, tmp_path: Path, tiny_scorer_dir: Path, kube: KubeHarness) -> None:  # noqa: F811
+        mlflow_uri: str, tmp_path: Path, tiny_scorer_dir: Path, kube: KubeHarness) -> None:
     """Issue 16 #1: a ROLLBACK whose PATCH fails (500, all attempts of one apply) is retried on
     later ticks until it lands; meanwhile /healthz stays degraded although the other
     deployment's actions succeed, and the failed deployment gets no new decision."""
@@ -228,7 +228,7 @@ def test_discovery_reports_the_rollout_revision_the_verdict_board_trusts(
 
 
 def test_a_corrupt_decision_log_is_moved_aside_not_a_crash_loop(
-        mlflow_uri: str, tmp_path: Path, tiny_scorer_dir: Path) -> None:  # noqa: F811
+        mlflow_uri: str, tmp_path: Path, tiny_scorer_dir: Path) -> None:
     """Issue 16 #8: a damaged decision log (here: a bad header) raised sqlite3.DatabaseError at
     every start. serve moves it aside, says where, counts it, and runs on a fresh log."""
     serve = serve_cfg(tmp_path, f"serve.model={tiny_scorer_dir}")
@@ -296,7 +296,7 @@ def _break(version: str) -> None:
 
 
 def test_a_version_that_fails_to_load_keeps_the_previous_model(
-        mlflow_uri: str, tmp_path: Path, tiny_scorer_dir: Path) -> None:  # noqa: F811
+        mlflow_uri: str, tmp_path: Path, tiny_scorer_dir: Path) -> None:
     assert _register(tiny_scorer_dir, "champion") == "1"
     serve = serve_cfg(tmp_path)
     serve["deployments"] = [{"id": "api"}]
@@ -329,7 +329,7 @@ def test_a_version_that_fails_to_load_keeps_the_previous_model(
 
 
 def test_broker_restart_pauses_then_recovers_without_losing_a_decision(
-        mlflow_uri: str, tmp_path: Path, tiny_scorer_dir: Path) -> None:  # noqa: F811
+        mlflow_uri: str, tmp_path: Path, tiny_scorer_dir: Path) -> None:
     from confluent_kafka import Producer
 
     from canaryml.serving.kafka import KafkaSource
@@ -390,7 +390,7 @@ def test_broker_restart_pauses_then_recovers_without_losing_a_decision(
 
 
 def test_an_event_for_a_deployment_without_target_is_skipped_never_fatal(
-        mlflow_uri: str, tmp_path: Path, tiny_scorer_dir: Path, kube: KubeHarness) -> None:  # noqa: F811
+        mlflow_uri: str, tmp_path: Path, tiny_scorer_dir: Path, kube: KubeHarness) -> None:
     """Issue 16 #3: a Kafka event for a deployment the actuator has no target for used to end
     the process (ConfigError out of the loop), and resume() re-applied the pending entry at
     every start: a crash loop. Now the action is logged, counted, marked skipped, and never
@@ -462,7 +462,7 @@ def test_an_event_for_a_deployment_without_target_is_skipped_never_fatal(
     assert replicas(kube, "web") == (3, 7) and replicas(kube, "api") == (3, 7)
 
 
-def test_sigterm_finishes_the_tick_and_exits_cleanly(tmp_path: Path, tiny_scorer_dir: Path) -> None:  # noqa: F811
+def test_sigterm_finishes_the_tick_and_exits_cleanly(tmp_path: Path, tiny_scorer_dir: Path) -> None:
     log_path = tmp_path / "decisions.sqlite"
     cmd = [sys.executable, "-m", "canaryml", "serve", f"serve.model={tiny_scorer_dir}",
            f"serve.decision_log={log_path}", "policy.monitoring_interval_s=0.2", "serve.http.port=0",

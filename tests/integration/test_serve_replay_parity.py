@@ -52,19 +52,6 @@ def until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
             raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def scorer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from canaryml.models.networks import NetworkSpec
-    from canaryml.models.synthetic import make_corpus
-    from canaryml.models.train import TrainerSpec, TrainSpec, train_scorer
-
-    root = tmp_path_factory.mktemp("scorer")
-    ds = CanonicalDataset(make_corpus(root / "corpus", n=20, steps=90, seed=4))
-    spec = TrainSpec(network=NetworkSpec(lookback=16, horizon=3, hidden=16),
-                     trainer=TrainerSpec(max_epochs=1, progress_bar=False, num_threads=1))
-    return Path(train_scorer(ds, spec).scorer.save(root / "scorer"))
-
-
 def produce(bootstrap: str, ds: CanonicalDataset) -> int:
     """Every finite sample of the corpus as one event; returns the number sent."""
     from confluent_kafka import Producer
@@ -114,7 +101,7 @@ def serve_decisions(scfg: Any, pcfg: PolicyConfig, bootstrap: str, ds: Canonical
 
 
 def test_serve_with_kafka_decides_tick_for_tick_what_replay_decides(
-        tmp_path: Path, scorer_dir: Path) -> None:
+        tmp_path: Path, tiny_scorer_dir: Path) -> None:
     from canaryml.models.synthetic import make_corpus
 
     ds = CanonicalDataset(make_corpus(tmp_path / "corpus", n=4, steps=120, seed=2))
@@ -122,7 +109,7 @@ def test_serve_with_kafka_decides_tick_for_tick_what_replay_decides(
 
     # (a) canaryml replay
     out = tmp_path / "replay"
-    cfg = compose("replay", [f"dataset={ds.path}", f"out={out}", f"model={scorer_dir}",
+    cfg = compose("replay", [f"dataset={ds.path}", f"out={out}", f"model={tiny_scorer_dir}",
                              "replay.policies=[scorer]", "replay.report.enabled=false",
                              "replay.mlflow=false", "replay.bootstrap.samples=10", *POLICY])
     assert replay_task.run(cfg) == 0
@@ -130,7 +117,7 @@ def test_serve_with_kafka_decides_tick_for_tick_what_replay_decides(
     replayed = replayed[replayed["policy"] == "scorer"]
 
     # (b) canaryml serve: Kafka source, dry-run actuator, the clock at replay's ticks
-    scfg = compose("serve", [f"serve.model={scorer_dir}", "serve.source.kind=kafka",
+    scfg = compose("serve", [f"serve.model={tiny_scorer_dir}", "serve.source.kind=kafka",
                              "serve.actuator.kind=dry_run", "serve.lookback=1",
                              f"serve.step_s={ds.step_s}", "serve.http.port=0",
                              "serve.source.kafka.poll_timeout_s=0.05", *POLICY])

@@ -20,7 +20,6 @@ from canaryml.replay.sim import ReplaySource
 from canaryml.tasks import serve as serve_task
 from tests.harness.prometheus import free_port
 from tests.integration.test_serve_faults import arrays
-from tests.integration.test_serve_task import tiny_scorer_dir  # noqa: F401 (fixture)
 
 pytest.importorskip("docker")
 from tests.unit.test_swarm_actuator import NEW_IMAGE, OLD_IMAGE, EngineEmulator
@@ -47,7 +46,7 @@ def swarm_overrides(engine: EngineEmulator, tmp_path: Path) -> list[str]:
 
 
 def test_serve_rolls_a_bad_swarm_canary_back(engine: EngineEmulator, tmp_path: Path,
-                                             tiny_scorer_dir: Path) -> None:  # noqa: F811
+                                             tiny_scorer_dir: Path) -> None:
     cfg = compose("serve", [f"serve.model={tiny_scorer_dir}", *swarm_overrides(engine, tmp_path)])
     serve = cast(dict[str, Any], OmegaConf.to_container(cfg.serve, resolve=True))
     policy = PolicyConfig(warmup_s=0, consecutive_breaches=1, monitoring_interval_s=0.01)
@@ -67,7 +66,7 @@ def test_serve_rolls_a_bad_swarm_canary_back(engine: EngineEmulator, tmp_path: P
 
 
 def test_serve_cli_with_the_swarm_actuator_runs_and_pauses_without_telemetry(
-        engine: EngineEmulator, tmp_path: Path, tiny_scorer_dir: Path,  # noqa: F811
+        engine: EngineEmulator, tmp_path: Path, tiny_scorer_dir: Path,
         mlflow_uri: str) -> None:
     """The whole command, config only: Prometheus is down, so every tick is a fail-safe PAUSE
     (applied by the Swarm actuator: nothing to change) and the command exits 0."""
