@@ -96,6 +96,10 @@ class ScorerPolicy:
             return rollback.decide(None, now_s, state, failure=failure or "no window")
         if state.final is not None:  # terminal: no need to score again
             return rollback.decide(None, now_s, state)
+        need = getattr(self.scorer, "min_steps", None)
+        have = len(window.timestamps_s)
+        if isinstance(need, int) and have < need:  # a canary's first steps: not a failure
+            return rollback.warming_up(now_s, state, f"warming up: {have}/{need} steps")
         try:
             result = self.scorer.score(window)
         except Exception as exc:  # fail-safe boundary: a broken model pauses, never acts

@@ -173,6 +173,20 @@ class RollbackPolicy:
     def initial_state(self) -> PolicyState:
         return PolicyState()
 
+    def warming_up(self, now_s: float, state: PolicyState, reason: str
+                   ) -> tuple[Decision, PolicyState]:
+        """A tick before the scorer has the steps it needs (a canary's first minutes): CONTINUE
+        (the batch is held), no score, and not a failure — no fail-safe, no error count."""
+        if state.final is not None:
+            return self.decide(None, now_s, state)
+        cfg = self.config
+        started = now_s if state.started_at_s is None else state.started_at_s
+        st = replace(state, started_at_s=started, ticks=state.ticks + 1, clean_since_s=None)
+        ev = {"reasons": [reason], "threshold": cfg.rollback_threshold, "warming_up": True,
+              "batch": st.batch, "replicas": st.batch * cfg.canary_batch_size,
+              "breaches": st.breaches}
+        return Decision(Action.CONTINUE, reason, None, ev), st
+
     def decide(self, score: float | None, now_s: float, state: PolicyState, *,
                failure: str | None = None, reasons: Sequence[str] = (),
                evidence: Mapping[str, Any] | None = None) -> tuple[Decision, PolicyState]:

@@ -146,7 +146,8 @@ def replay(dataset: CanonicalDataset | dict[str, DeploymentArrays], policies: Se
         series = None
         pol = rp.policy
         if rp.full_scorer is not None and hasattr(rp.full_scorer, "score_series"):
-            series = SeriesScorer(rp.full_scorer.metrics, rp.full_scorer.lookback)
+            series = SeriesScorer(rp.full_scorer.metrics, rp.full_scorer.lookback,
+                                  getattr(rp.full_scorer, "min_steps", None))
             assert isinstance(pol, ScorerPolicy)
             pol = replace(pol, scorer=series)
         main = Controller(pol, source, RecordingActuator(), MemoryLog(),

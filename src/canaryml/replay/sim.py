@@ -91,9 +91,12 @@ class SeriesScorer:
     ScoringError where that one would (NaN). Contributions are not part of the fast path; replay
     fills the top reasons of the deciding tick with one real `score()` call."""
 
-    def __init__(self, metrics: tuple[str, ...], lookback: int) -> None:
+    def __init__(self, metrics: tuple[str, ...], lookback: int,
+                 min_steps: int | None = None) -> None:
         self._metrics = tuple(metrics)
         self._lookback = int(lookback)
+        # the wrapped scorer's fewest steps: ScorerPolicy reports "warming up" below it, as live
+        self.min_steps = None if min_steps is None else int(min_steps)
         self._series: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
