@@ -13,6 +13,7 @@ import dataclasses
 import io
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,9 @@ class SampleCodes:
     value: np.ndarray  # float64 [N]
     metrics: tuple[str, ...]
     keep: np.ndarray | None = None  # bool [N]
+    # instance codes int32 [N] indexing `instances` (None: no instance column was read)
+    instance: np.ndarray | None = None
+    instances: tuple[str, ...] = ("",)
 
     @property
     def n_kept(self) -> int:
@@ -92,15 +96,38 @@ class Bundle:
     Samples are de-duplicated but keep their input row order: the canonical writer does not
     need it sorted, and sorting 10 M rows would cost more than the rest of ingest. `codes` is
     the integer view computed during validation (reused by `write_canonical`); None when the
-    bundle was built by hand.
+    bundle was built by hand. `read_bundle` keeps only the codes (~25 bytes a sample) and builds
+    the Arrow `samples` table from them the first time something asks for it (`table` None),
+    so ingest never holds the parsed CSV and a second copy of it at once.
     """
 
     deployments: pd.DataFrame
-    samples: pa.Table
+    table: pa.Table | None
     source: str
     duplicates_dropped: int = 0
     unsorted_rows: int = 0
     codes: SampleCodes | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.table is None and self.codes is None:
+            raise ValueError("Bundle needs a samples table or its codes")
+
+    @property
+    def samples(self) -> pa.Table:
+        """Validated samples in SAMPLES_SCHEMA (de-duplicated, input order)."""
+        if self.table is None:
+            assert self.codes is not None  # __post_init__
+            object.__setattr__(self, "table", samples_table(self.codes, self.deployments))
+        assert self.table is not None
+        return self.table
+
+    @property
+    def num_samples(self) -> int:
+        """Samples kept (after de-duplication), without building the table."""
+        if self.table is not None:
+            return int(self.table.num_rows)
+        assert self.codes is not None
+        return self.codes.n_kept
 
 
 def table_from_pandas(df: pd.DataFrame) -> pa.Table:
@@ -497,22 +524,36 @@ def validate_samples_codes(table: pa.Table, deployments: pd.DataFrame,
     """Validate samples; drop exact duplicates (same deployment, group, instance, metric,
     timestamp: the last written wins) and count rows out of time order within their series.
 
-    Rows already in one of the two common layouts — per series (series, time) or scrape order
-    (deployment, time, series) — are checked in one linear pass over a composite key; other
-    orders take one stable radix sort on the series id (< 65 536 series) and a full
-    (series, time) sort only when some series is out of order. Rows keep their input order.
+    See `deduplicate` for how duplicates and order are found. Rows keep their input order.
     Returns (table, duplicates_dropped, unsorted_rows, codes).
     """
     path = Path(path)
     codes = sample_codes(table, deployments, path)
     inst, inst_names, _ = _codes(path, table, "instance", None)
-    n = table.num_rows
-    n_met, n_inst = max(1, len(codes.metrics)), max(1, len(inst_names))
-    n_series = len(deployments) * 2 * n_inst * n_met
+    codes = dataclasses.replace(codes, instance=inst, instances=tuple(inst_names))
+    codes, duplicates, unsorted = deduplicate(codes, len(deployments), path)
+    return samples_table(codes, deployments), duplicates, unsorted, codes
+
+
+def deduplicate(codes: SampleCodes, n_deployments: int, path: Path | str = "<samples>"
+                ) -> tuple[SampleCodes, int, int]:
+    """Mark exact duplicates (same deployment, group, instance, metric, timestamp: the last
+    written wins) in `codes.keep` and count rows out of time order within their series.
+
+    Rows already in one of the two common layouts — per series (series, time) or scrape order
+    (deployment, time, series) — are checked in one linear pass over a composite key; other
+    orders take one stable radix sort on the series id (< 65 536 series) and a full
+    (series, time) sort only when some series is out of order.
+    Returns (codes with `keep` set when something was dropped, duplicates, unsorted_rows).
+    """
+    n = len(codes.value)
+    inst = codes.instance
+    n_met, n_inst = max(1, len(codes.metrics)), max(1, len(codes.instances))
+    n_series = n_deployments * 2 * n_inst * n_met
     series: np.ndarray = codes.deployment.astype(np.int32 if n_series < 2**31 else np.int64)
     series *= 2
     series += codes.group
-    if n_inst > 1:
+    if n_inst > 1 and inst is not None:
         series *= n_inst
         series += inst
     series *= n_met
@@ -534,11 +575,28 @@ def validate_samples_codes(table: pa.Table, deployments: pd.DataFrame,
             same = s_o[1:] == s_o[:-1]
         dup_next = same & (t_o[1:] == t_o[:-1])
         dup_rows = order[:-1][dup_next]  # of a duplicate run, keep the last written
+        del order, s_o, t_o, same, dup_next
+    del series
     duplicates = len(dup_rows)
+    if duplicates:
+        keep = np.ones(n, dtype=bool)
+        keep[dup_rows] = False
+        codes = dataclasses.replace(codes, keep=keep)
+        log.info("%s: dropped %d duplicate sample(s) (same deployment, group, instance, metric, "
+                 "timestamp; kept the last)", path, duplicates)
+    if unsorted:
+        log.info("%s: %d sample(s) were out of time order within their series; sorted", path,
+                 unsorted)
+    return codes, duplicates, unsorted
 
+
+def samples_table(codes: SampleCodes, deployments: pd.DataFrame) -> pa.Table:
+    """The validated samples as an Arrow table in SAMPLES_SCHEMA (rows `codes.keep`)."""
     dep_dict = pa.array(deployments["deployment_id"].astype(str).tolist(), pa.string())
+    n = len(codes.value)
+    inst = codes.instance if codes.instance is not None else np.zeros(n, np.int32)
     out = pa.table([
-        pa.chunked_array([_ts_array(tsi)]),
+        pa.chunked_array([_ts_array(codes.timestamp_us)]),
         pa.DictionaryArray.from_arrays(pa.array(codes.deployment), dep_dict),
         pa.DictionaryArray.from_arrays(pa.array(codes.group.astype(np.int32)),
                                        pa.array(list(GROUPS), pa.string())),
@@ -546,21 +604,13 @@ def validate_samples_codes(table: pa.Table, deployments: pd.DataFrame,
                                        pa.array(list(codes.metrics), pa.string())),
         pa.array(codes.value, pa.float64()),
         pa.DictionaryArray.from_arrays(pa.array(inst),
-                                       pa.array(inst_names, pa.string())),
+                                       pa.array(list(codes.instances), pa.string())),
     ], schema=SAMPLES_SCHEMA)
-    if duplicates:
-        keep = np.ones(n, dtype=bool)
-        keep[dup_rows] = False
-        idx = pa.array(np.flatnonzero(keep))
+    if codes.keep is not None:
+        idx = pa.array(np.flatnonzero(codes.keep))
         # column by column: ~3x faster than Table.take, ~5x faster than Table.filter
         out = pa.table([c.take(idx) for c in out.columns], schema=SAMPLES_SCHEMA)
-        codes = dataclasses.replace(codes, keep=keep)
-        log.info("%s: dropped %d duplicate sample(s) (same deployment, group, instance, metric, "
-                 "timestamp; kept the last)", path, duplicates)
-    if unsorted:
-        log.info("%s: %d sample(s) were out of time order within their series; sorted", path,
-                 unsorted)
-    return out, duplicates, unsorted, codes
+    return out
 
 
 def _adjacent_duplicates(series: np.ndarray, deployment: np.ndarray, ts: np.ndarray,
@@ -577,26 +627,26 @@ def _adjacent_duplicates(series: np.ndarray, deployment: np.ndarray, ts: np.ndar
     n_series = int(series.max()) + 1
     if n_series * span >= 2**62:
         return None
-    rel = ts - t_min
+    # composite keys are built in place and compared without np.diff: ~13 bytes a row
     # layout 1: non-decreasing in (series, time)
     key = series.astype(np.int64)
     key *= span
-    key += rel
-    step = np.diff(key)
-    if step.min() >= 0:
-        return np.flatnonzero(step == 0)
+    key += ts
+    key -= t_min
+    if not (key[1:] < key[:-1]).any():
+        return np.flatnonzero(key[1:] == key[:-1])
     # layout 2: non-decreasing in (deployment, time, series within the deployment)
     n_dep = int(deployment.max()) + 1
     if n_dep * span * series_per_deployment >= 2**62:
         return None
-    key = deployment.astype(np.int64)
+    np.copyto(key, deployment, casting="safe")
     key *= span
-    key += rel
+    key += ts
+    key -= t_min
     key *= series_per_deployment
     key += series % series_per_deployment
-    step = np.diff(key)
-    if step.min() >= 0:
-        return np.flatnonzero(step == 0)
+    if not (key[1:] < key[:-1]).any():
+        return np.flatnonzero(key[1:] == key[:-1])
     return None
 
 
@@ -611,14 +661,168 @@ def read_samples(path: Path) -> pa.Table:
     return table
 
 
+# --------------------------------------------------------------------------- streaming reader
+
+
+class _Fallback(Exception):
+    """The streaming reader met input only the whole-table path handles or reports."""
+
+
+_STREAM_BLOCK = 2 << 20  # CSV bytes per batch; the reader parses several ahead, so this bounds memory
+_SAMPLE_COLUMNS = ("timestamp", "deployment_id", "group", "metric", "value", "instance")
+
+
+def _sample_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """Record batches of the sample columns, parsed with their final types (CSV: Arrow's
+    multi-threaded streaming reader; Parquet: the dataset scanner). Raises `_Fallback` for an
+    input the streaming reader does not handle (unknown timestamp format, missing columns)."""
+    if path.suffix == ".csv" and path.is_file():
+        if path.stat().st_size == 0:
+            raise _Fallback("empty file")
+        header, _ = _csv_header_and_first_row(path)
+        if any(c not in header for c in SAMPLES_REQUIRED) or len(set(header)) != len(header):
+            raise _Fallback("columns")
+        ts_type = _sniff_timestamp_type(path)
+        if ts_type is None:
+            raise _Fallback("timestamp format")
+        types = {"timestamp": ts_type, "deployment_id": DICT, "group": DICT, "metric": DICT,
+                 "instance": DICT, "value": pa.float64()}
+        convert = pacsv.ConvertOptions(
+            column_types=types, strings_can_be_null=True, timestamp_parsers=[pacsv.ISO8601],
+            include_columns=[c for c in _SAMPLE_COLUMNS if c in header])
+        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=_STREAM_BLOCK),
+                                convert_options=convert)
+        with reader:
+            yield from reader
+        return
+    if path.is_dir() or path.suffix == ".parquet":
+        if path.is_file() and path.stat().st_size == 0:
+            raise _Fallback("empty file")
+        dataset = pads.dataset(path, format="parquet")
+        names = dataset.schema.names
+        if any(c not in names for c in SAMPLES_REQUIRED):
+            raise _Fallback("columns")
+        yield from dataset.to_batches(columns=[c for c in _SAMPLE_COLUMNS if c in names],
+                                      batch_size=1 << 20)
+        return
+    raise _Fallback("not a CSV or Parquet table")
+
+
+def _batch_codes(col: pa.Array, pos: dict[str, int], grow: bool) -> np.ndarray:
+    """int32 codes of a string column's rows in `pos` (grown with new values when `grow`);
+    `_Fallback` on a null, an empty name or a value outside `pos` (the full path names them)."""
+    if not pa.types.is_dictionary(col.type):
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+            raise _Fallback("not text")
+        col = pc.dictionary_encode(col)
+    if col.null_count:
+        raise _Fallback("null")
+    assert isinstance(col, pa.DictionaryArray)
+    dictionary = col.dictionary
+    if not (pa.types.is_string(dictionary.type) or pa.types.is_large_string(dictionary.type)):
+        raise _Fallback("not text")
+    mapping = np.empty(max(1, len(dictionary)), np.int32)
+    for i, value in enumerate(dictionary.to_pylist()):
+        code = pos.get(value)
+        if code is None:
+            if not grow or not value:
+                raise _Fallback("unknown value")
+            code = pos[value] = len(pos)
+        mapping[i] = code
+    return mapping[col.indices.to_numpy(zero_copy_only=False)]
+
+
+def _batch_timestamps(col: pa.Array) -> np.ndarray:
+    """Epoch microseconds (int64) of a timestamp column, as `to_utc_timestamps` computes them."""
+    if col.null_count:
+        raise _Fallback("null timestamp")
+    typ = col.type
+    if pa.types.is_timestamp(typ):
+        micros = pc.cast(col, pa.timestamp("us", tz=typ.tz))  # safe: refuses lossy ns
+    elif pa.types.is_integer(typ) or pa.types.is_floating(typ):
+        micros = pc.round(pc.multiply(pc.cast(col, pa.float64()), 1e6))
+    else:
+        raise _Fallback("timestamp text")
+    return np.asarray(pc.cast(micros, pa.int64()).to_numpy(zero_copy_only=False), np.int64)
+
+
+def _batch_values(col: pa.Array) -> np.ndarray:
+    typ = col.type
+    if not (pa.types.is_floating(typ) or pa.types.is_integer(typ) or pa.types.is_null(typ)):
+        raise _Fallback("value type")
+    values = np.asarray(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False), np.float64)
+    with np.errstate(invalid="ignore"):
+        if (np.abs(values) > _F32_MAX).any():  # NaN compares False: a missed scrape is fine
+            raise _Fallback("infinite or beyond float32")
+    return values
+
+
+def stream_sample_codes(path: Path, deployments: pd.DataFrame) -> SampleCodes:
+    """Read a samples table batch by batch straight into `SampleCodes` (~25 bytes a sample).
+
+    Each parsed batch is validated (known deployment and group, named metric, finite float32
+    value, timestamp) and reduced to integer codes, then dropped, so the parsed table is never
+    held whole. Raises `_Fallback` on anything unusual — a contract violation, a timestamp
+    that is not in the first row's format, a type it does not handle — and the caller re-reads
+    the file on the whole-table path, which reports violations with their rows.
+    """
+    dep_pos = {str(d): i for i, d in enumerate(deployments["deployment_id"].astype(str))}
+    grp_pos = {g: i for i, g in enumerate(GROUPS)}
+    met_pos: dict[str, int] = {}
+    inst_pos: dict[str, int] = {}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("dep", "grp", "met", "inst", "ts",
+                                                          "val")}
+    has_instance = False
+    for batch in _sample_batches(path):
+        if not batch.num_rows:
+            continue
+        names = batch.schema.names
+        parts["dep"].append(_batch_codes(batch.column(names.index("deployment_id")), dep_pos,
+                                         grow=False))
+        parts["grp"].append(_batch_codes(batch.column(names.index("group")), grp_pos,
+                                         grow=False).astype(np.int8))
+        parts["met"].append(_batch_codes(batch.column(names.index("metric")), met_pos,
+                                         grow=True))
+        if "instance" in names:
+            has_instance = True
+            parts["inst"].append(_batch_codes(batch.column(names.index("instance")), inst_pos,
+                                              grow=True))
+        parts["ts"].append(_batch_timestamps(batch.column(names.index("timestamp"))))
+        parts["val"].append(_batch_values(batch.column(names.index("value"))))
+    if not parts["val"]:
+        raise _Fallback("no rows")
+
+    def joined(key: str) -> np.ndarray:
+        # one column at a time, freeing its batches: peak = the codes + one column
+        chunks = parts.pop(key)
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+    instance = joined("inst") if has_instance else None
+    return SampleCodes(joined("dep"), joined("grp"), joined("met"), joined("ts"), joined("val"),
+                       tuple(met_pos), instance=instance,
+                       instances=tuple(inst_pos) if has_instance else ("",))
+
+
 def read_bundle(folder: str | Path) -> Bundle:
-    """Read and validate a telemetry bundle folder (DESIGN §2.1)."""
+    """Read and validate a telemetry bundle folder (DESIGN §2.1).
+
+    The samples stream into integer codes (`stream_sample_codes`); the Arrow samples table is
+    built only if asked for (`Bundle.samples`). A file the streaming reader cannot take, or one
+    that breaks the contract, is read whole instead, which names the offending rows.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataContractError(f"bundle folder {folder} does not exist; pass input=DIR")
     dep_path = _find_table(folder, "deployments")
     deployments = read_deployments(dep_path)
     smp_path = _find_table(folder, "samples")
+    try:
+        codes = stream_sample_codes(smp_path, deployments)
+    except (_Fallback, pa.ArrowException, OSError) as exc:
+        log.debug("%s: whole-table read (%s: %s)", smp_path, type(exc).__name__, exc)
+    else:
+        codes, dups, unsorted = deduplicate(codes, len(deployments), smp_path)
+        return Bundle(deployments, None, str(folder), dups, unsorted, codes)
     samples, dups, unsorted, codes = validate_samples_codes(read_samples(smp_path), deployments,
                                                             smp_path)
     return Bundle(deployments, samples, str(folder), dups, unsorted, codes)

@@ -94,10 +94,10 @@ def write_canonical(
     if step_s <= 0:
         raise DataContractError(f"step_s={step_s} must be a positive number of seconds")
     deps = bundle.deployments.reset_index(drop=True)
-    s = bundle.samples
+    n_samples = bundle.num_samples
     codes = bundle.codes
-    if codes is None or codes.n_kept != s.num_rows:
-        codes = sample_codes(s, deps, bundle.source)
+    if codes is None or codes.n_kept != n_samples:
+        codes = sample_codes(bundle.samples, deps, bundle.source)
     # only metrics that have samples (a Parquet dictionary may carry unused entries)
     present = np.bincount(codes.metric if codes.keep is None else codes.metric[codes.keep],
                           minlength=len(codes.metrics)) > 0
@@ -142,16 +142,26 @@ def write_canonical(
         log.warning("%d sample(s) fall outside their deployment's start..end window; dropped",
                     outside)
     ok &= ~np.isnan(codes.value)
-    # one flat cell index per sample; rejected samples go to an overflow bin that is dropped
+    # one flat cell index per sample; rejected samples (NaN values among them) go to an
+    # overflow bin that is dropped, so the values are summed as they are, without a copy
     flat += block_off[cell]
     flat *= M
     flat += mm[codes.metric]
-    flat[~ok] = R * M
-    weights = np.where(ok, codes.value, 0.0)
-    sums = np.bincount(flat, weights=weights, minlength=R * M + 1)[:-1]
+    np.logical_not(ok, out=ok)
+    flat[ok] = R * M
+    del ok
+    has_group = np.bincount(cell if codes.keep is None else cell[codes.keep],
+                            minlength=len(deps) * 2) > 0
+    del cell
+    sums = np.bincount(flat, weights=codes.value, minlength=R * M + 1)[:-1]
     counts = np.bincount(flat, minlength=R * M + 1)[:-1]
+    del flat
     with np.errstate(invalid="ignore", divide="ignore"):
-        wide = (sums / counts).astype(np.float32).reshape(R, M)
+        np.divide(sums, counts, out=sums)
+    del counts
+    # [M, R] float32: each metric column slices without a copy
+    wide_t = sums.reshape(R, M).T.astype(np.float32, order="C")
+    del sums
 
     pos = {d: i for i, d in enumerate(deps["deployment_id"].astype(str))}
     anomaly = None
@@ -171,11 +181,8 @@ def write_canonical(
         for g in (0, 1):
             anomaly[block_off[pd_idx[good] * 2 + g] + pb[good]] = 1
 
-    has_group = np.bincount(cell if codes.keep is None else cell[codes.keep],
-                            minlength=len(deps) * 2) > 0
-    wide_t = np.ascontiguousarray(wide.T)  # [M, R]: each metric column slices without a copy
     written_rows = np.repeat(has_group, block_len)
-    gaps = int(np.isnan(wide[written_rows]).sum())
+    gaps = int(np.isnan(wide_t[:, written_rows]).sum())
     dep_ids = deps["deployment_id"].astype(str).tolist()
     no_samples = [dep_ids[d] for d in range(len(deps)) if not has_group[2 * d:2 * d + 2].any()]
     if no_samples:
@@ -233,7 +240,7 @@ def write_canonical(
             "point_labels": anomaly is not None,
             "counts": {
                 "deployments": len(deps),
-                "samples_in": int(s.num_rows + bundle.duplicates_dropped),
+                "samples_in": int(n_samples + bundle.duplicates_dropped),
                 "duplicates_dropped": bundle.duplicates_dropped,
                 "unsorted_rows": bundle.unsorted_rows,
                 "outside_window_dropped": outside,
