@@ -13,6 +13,11 @@ Failure handling (fail-safe, never a silent fallback):
   * with no model at all, `score()` raises `ScoringError`, which the policy turns into a PAUSE
     with the reason (never a rollback or a promotion).
 Fixed URIs (a directory, `models:/name/N`, `runs:/…`) are loaded once and never polled.
+
+`check(scorer)` (serve: does the source provide every metric the model needs?) runs on every
+load, before a model is staged: a model it refuses (`check` returns why) is never swapped in —
+at startup `refused` says why (serve exits with it), on a hot-swap the previous model is kept,
+`/healthz` says why, and the refused version is not loaded again until the alias moves on.
 """
 
 from __future__ import annotations
@@ -76,8 +81,12 @@ class ModelHolder:
                  loader: Callable[[str], Scorer] = default_loader,
                  resolver: Callable[[str, str], str] | None = None,
                  metrics: ServeMetrics | None = None, health: Health | None = None,
-                 on_swap: Callable[[LoadedModel], None] | None = None) -> None:
+                 on_swap: Callable[[LoadedModel], None] | None = None,
+                 check: Callable[[Scorer], str | None] | None = None) -> None:
         self.uri = str(uri)
+        self.check = check
+        self.refused: str | None = None  # why the last loaded version was refused by `check`
+        self._refused_version: str | None = None
         self.poll_s = float(poll_s)
         self.loader = loader
         m = ALIAS_URI.match(self.uri)
@@ -158,6 +167,8 @@ class ModelHolder:
             return False
         with self._lock:
             active = self._staged or self._current
+        if version == self._refused_version:
+            return False  # refused once (e.g. metrics the source lacks): not reloaded
         if active is not None and active.version == version:
             if self.last_error is not None and self._current is not None \
                     and self._current.version == version:
@@ -171,6 +182,13 @@ class ModelHolder:
         except Exception as exc:  # ModelLoadError, download errors, a corrupt bundle
             self._fail(f"loading {pinned} failed: {type(exc).__name__}: {str(exc)[:300]}")
             return False
+        why = None if self.check is None else self.check(scorer)
+        if why is not None:
+            self.refused = f"model {version} ({pinned}) refused: {why}"
+            self._refused_version = version
+            self._fail(self.refused)
+            return False
+        self.refused = self._refused_version = None
         loaded = LoadedModel(scorer, version, pinned, time.time())
         with self._lock:
             self._staged = loaded

@@ -303,6 +303,34 @@ def _source_metrics(serve: Mapping[str, Any], catalog_names: Iterable[str]) -> l
     return list(catalog_names)
 
 
+def metric_check(serve: Mapping[str, Any], provided: Sequence[str]
+                 ) -> Callable[[Any], str | None]:
+    """`ModelHolder.check`: why a model cannot be served from this source (the metrics it needs
+    that the source does not provide, and the config key that adds them), or None."""
+    have = set(provided)
+    kind = (serve.get("source") or {}).get("kind")
+
+    def check(scorer: Any) -> str | None:
+        missing = [m for m in getattr(scorer, "metrics", ()) if m not in have]
+        if not missing:
+            return None
+        if serve.get("metrics"):
+            fix = "add them to serve.metrics"
+            if kind == "prometheus":
+                fix += " and give each a PromQL query under serve.source.prometheus.queries"
+        elif kind == "prometheus":
+            fix = ("add a PromQL query for each under serve.source.prometheus.queries (e.g. "
+                   f"serve.source.prometheus.queries.{missing[0]}=…)")
+        else:
+            fix = ("add them to the metric catalog (metrics=…, conf/metrics/) or list the "
+                   "source's metrics in serve.metrics")
+        return (f"the model needs metric(s) {', '.join(missing)} that the {kind} source does "
+                f"not provide (it provides {', '.join(provided) or 'none'}); {fix}, or serve a "
+                "model trained on the provided metrics")
+
+    return check
+
+
 def build(serve: Mapping[str, Any], policy: PolicyConfig, *, catalog_names: Iterable[str] = (),
           source: MetricSource | None = None, actuator: Actuator | None = None,
           api_client: Any = None, holder: ModelHolder | None = None,
@@ -334,8 +362,10 @@ def build(serve: Mapping[str, Any], policy: PolicyConfig, *, catalog_names: Iter
     metrics = ServeMetrics()
     health = Health()
     # configuration errors first (no thread, file or port held yet)
-    src = live_source(source) if source is not None else build_source(
-        serve, _source_metrics(serve, catalog_names))
+    provided: Sequence[str] | None = _source_metrics(serve, catalog_names)
+    if source is not None:  # injected (tests, the demo): checked only when it names its metrics
+        provided = getattr(source, "metrics", None)
+    src = live_source(source) if source is not None else build_source(serve, provided or [])
     act = live_actuator(actuator) if actuator is not None else build_actuator(
         serve, api_client, batch_size=policy.canary_batch_size)
     discovery = None
@@ -349,6 +379,8 @@ def build(serve: Mapping[str, Any], policy: PolicyConfig, *, catalog_names: Iter
                              metrics=metrics, health=health)
     else:
         holder.metrics, holder.health = metrics, health
+    if holder.check is None and provided is not None:
+        holder.check = metric_check(serve, list(provided))
     # a corrupt log is moved aside (and said so), never a crash loop at every start
     decision_log = DecisionLog(serve["decision_log"], on_corrupt="move_aside")
     if decision_log.moved_aside is not None:
@@ -356,6 +388,8 @@ def build(serve: Mapping[str, Any], policy: PolicyConfig, *, catalog_names: Iter
     server = board = None
     try:
         holder.start()
+        if holder.current is None and holder.refused is not None:
+            raise ConfigError(f"{holder.refused}")
         min_lookback = int(serve.get("lookback") or 1)
         acfg = serve.get("actuator") or {}
         loop = ServeLoop(ScorerPolicy("model", HeldScorer(holder), RollbackPolicy(policy),
