@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,13 @@ from canaryml.errors import ConfigError
 from canaryml.paths import conf_dir
 from canaryml.tasks.tune import over_budget, parse_grid
 from canaryml.tune.space import config_groups, defaults, parse_space, suggest, validate_keys
-from canaryml.tune.study import StudySpec, choose_best, make_storage, open_study
+from canaryml.tune.study import (
+    BudgetFull,
+    StudySpec,
+    choose_best,
+    make_storage,
+    open_study,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -118,7 +125,10 @@ def test_unreachable_or_malformed_storage_is_a_config_error(tmp_path: Path) -> N
 def test_study_budget_is_shared_and_checked_by_trial_number(tmp_path: Path) -> None:
     spec = StudySpec(name="s", storage=f"journal://{tmp_path / 'j.log'}", out_dir=tmp_path,
                      n_trials=2)
-    a, b = open_study(spec), open_study(spec)  # two workers
+    open_study(spec)
+    # plain studies (no ask lock, as on a storage without one) racing past the budget
+    a, b = (optuna.load_study(study_name="s", storage=make_storage(spec.storage, tmp_path))
+            for _ in range(2))
     t0, t1, t2 = a.ask(), b.ask(), a.ask()
     assert (t0.number, t1.number, t2.number) == (0, 1, 2)
     assert not over_budget(t0, 2) and not over_budget(t1, 2)
@@ -128,6 +138,49 @@ def test_study_budget_is_shared_and_checked_by_trial_number(tmp_path: Path) -> N
                              out_dir=tmp_path, n_trials=2, directions=("minimize",)))
     with pytest.raises(ConfigError, match="at least 1"):
         StudySpec(name="s", storage=None, out_dir=tmp_path, n_trials=0)
+
+
+def test_budgeted_study_never_creates_a_trial_beyond_the_budget(tmp_path: Path) -> None:
+    spec = StudySpec(name="b", storage=f"journal://{tmp_path / 'j.log'}", out_dir=tmp_path,
+                     n_trials=3)
+    a, b = open_study(spec), open_study(spec)  # two workers
+    t0, t1 = a.ask(), b.ask()
+    b.enqueue_trial({})  # a queued trial already holds the third slot
+    t2 = a.ask()
+    assert t2.number == 2
+    with pytest.raises(BudgetFull):
+        b.ask()
+    a.tell(t0, state=optuna.trial.TrialState.FAIL)  # a failed trial gives its slot back
+    t3 = b.ask()
+    assert t3.number == 3
+    with pytest.raises(BudgetFull):
+        a.ask()
+    assert len(a.get_trials()) == 4 and t1.number == 1
+
+
+def test_workers_racing_for_slots_take_exactly_the_budget(tmp_path: Path) -> None:
+    spec = StudySpec(name="race", storage=f"journal://{tmp_path / 'j.log'}", out_dir=tmp_path,
+                     n_trials=5)
+    open_study(spec)
+    studies = [open_study(spec) for _ in range(6)]  # six workers, each its own storage handle
+    start = threading.Barrier(len(studies))
+    asked: list[int] = []
+
+    def worker(study: optuna.Study) -> None:
+        start.wait()
+        while True:
+            try:
+                asked.append(study.ask().number)
+            except BudgetFull:
+                return
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in studies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(asked) == [0, 1, 2, 3, 4]
+    assert len(studies[0].get_trials()) == 5
 
 
 def test_choose_best_on_a_pareto_front_respects_the_false_rollback_bound() -> None:

@@ -1,9 +1,11 @@
 """Study orchestration: storage, sampler/pruner, MLflow parent/nested runs, budget, plots.
 
 Any number of workers (`canaryml tune tune.storage=URL tune.study=NAME` started N times, on one
-machine or many) join the same study; `MaxTrialsCallback` caps the total budget across workers
-(complete + pruned trials), and an interrupted study resumes where it stopped
-(`load_if_exists`). Storage:
+machine or many) join the same study and share its budget: a `BudgetedStudy` starts a trial only
+while the study holds fewer than `n_trials` complete, pruned, running or queued trials, checked
+and asked under a lock every worker takes (a PostgreSQL/MySQL advisory lock, or a lock file next
+to a journal/SQLite file), so the study never holds more trials than its budget. An interrupted
+study resumes where it stopped (`load_if_exists`). Storage:
 
 * default / `journal://PATH` / `*.log`: Optuna's journal file (file-locked appends; safe for
   several processes on one machine or on a shared POSIX file system);
@@ -13,11 +15,13 @@ machine or many) join the same study; `MaxTrialsCallback` caps the total budget 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +43,8 @@ log = logging.getLogger(__name__)
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# a trial in one of these states holds a slot of the study's budget (FAIL gives it back)
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 HEARTBEAT_S = 60
 
 
@@ -81,7 +87,10 @@ def make_storage(url: str | None, out_dir: Path) -> optuna.storages.BaseStorage:
                           "postgresql://user:pass@host/db) nor a journal file (journal://PATH "
                           "or a path ending in .log)")
     try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8
+        # workers starting together on an empty database would race Optuna's schema creation
+        # (`alembic_version already exists`): the first creates it, the others wait
+        with storage_lock(url, out_dir, "schema")(), warnings.catch_warnings():
+            # heartbeats are "experimental" since Optuna 2.8
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
                 url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=HEARTBEAT_S,
@@ -90,7 +99,7 @@ def make_storage(url: str | None, out_dir: Path) -> optuna.storages.BaseStorage:
                     max_retry=1))
     except ModuleNotFoundError as exc:
         raise ConfigError(f"study storage {url!r} needs the database driver {exc.name!r}; "
-                          f"pip install it (e.g. psycopg2-binary for postgresql://)") from exc
+                          "pip install it (`pip install 'canaryml[postgres]'` for postgresql://)") from exc
     except Exception as exc:  # sqlalchemy raises many kinds; all mean the same to the user
         raise ConfigError(f"study storage {url!r} is unreachable or not a database URL ({exc}); "
                           "check host, credentials and that the database exists, or drop "
@@ -129,8 +138,113 @@ def _direction(name: str) -> optuna.study.StudyDirection:
         raise ConfigError(f"study direction {name!r} is not maximize|minimize") from None
 
 
+class BudgetFull(Exception):  # a signal to stop asking, not an error
+    """The study already holds its `n_trials` trials; this worker starts no more."""
+
+
+AskLock = Callable[[], contextlib.AbstractContextManager[None]]
+
+
+def storage_lock(url: str | None, out_dir: Path, name: str) -> AskLock:
+    """A lock named `name` that every worker on the study storage `url` can take: around
+    "count the trials, ask for one" (named after the study), or around schema creation.
+
+    PostgreSQL and MySQL: a server-side advisory lock (workers on any machine); a journal file
+    or SQLite database: `flock` on `<file>.<hash of name>.lock` beside it (one machine or a
+    shared POSIX file system). Any other storage gets no lock: two workers racing for a study's
+    last slot may then both ask, and `canaryml.tasks.tune.over_budget` hands the later trial
+    back unrun."""
+    from sqlalchemy.engine import make_url
+
+    key = int.from_bytes(hashlib.sha1(f"canaryml-tune|{name}".encode()).digest()[:8],
+                         "big", signed=True)
+    if url is None or url.startswith("journal://") or url.endswith(".log"):
+        journal = Path(url.removeprefix("journal://")) if url else out_dir / "journal.log"
+        return _file_lock(journal, name)
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            return contextlib.nullcontext
+        return _file_lock(Path(parsed.database), name)
+    if backend in ("postgresql", "mysql", "mariadb"):
+        return _advisory_lock(url, backend, key)
+    log.info("study storage %s has no lock for asking trials; the budget is kept by handing "
+             "back a trial that loses a race for the last slot", backend)
+    return contextlib.nullcontext
+
+
+def _file_lock(beside: Path, name: str) -> AskLock:
+    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+    path = beside.with_name(f"{beside.name}.{digest}.lock")
+
+    @contextlib.contextmanager
+    def lock() -> Iterator[None]:
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    return lock
+
+
+def _advisory_lock(url: str, backend: str, key: int) -> AskLock:
+    import sqlalchemy as sa
+    from sqlalchemy.pool import NullPool
+
+    # NullPool: closing the connection ends the session, which releases the lock even if the
+    # unlock statement never ran (a worker killed while holding it)
+    engine = sa.create_engine(url, poolclass=NullPool)
+    if backend == "postgresql":
+        take = sa.text("SELECT pg_advisory_lock(:k)").bindparams(k=key)
+        give = sa.text("SELECT pg_advisory_unlock(:k)").bindparams(k=key)
+    else:
+        name = f"canaryml-tune-{key & 0xFFFFFFFF:08x}"
+        take = sa.text("SELECT GET_LOCK(:n, -1)").bindparams(n=name)
+        give = sa.text("SELECT RELEASE_LOCK(:n)").bindparams(n=name)
+
+    @contextlib.contextmanager
+    def lock() -> Iterator[None]:
+        with engine.connect() as conn:
+            conn.execute(take)
+            conn.commit()  # end the implicit transaction; the session lock stays held
+            try:
+                yield
+            finally:
+                conn.execute(give)
+                conn.commit()
+
+    return lock
+
+
+class BudgetedStudy(optuna.Study):
+    """An Optuna study whose `ask` keeps the study within `n_trials` trials across workers.
+
+    Under `lock` (shared by every worker, see `storage_lock`): a queued (WAITING) trial is always
+    taken, since it already holds a slot; otherwise a new trial is created only while fewer than
+    `n_trials` trials are complete, pruned, running or queued, else `BudgetFull` is raised."""
+
+    def __init__(self, study_name: str, storage: optuna.storages.BaseStorage,
+                 sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner,
+                 n_trials: int, lock: AskLock):
+        super().__init__(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
+        self.n_trials = n_trials
+        self.lock = lock
+
+    def ask(self, fixed_distributions: dict[str, Any] | None = None) -> optuna.Trial:
+        with self.lock():
+            held = self.get_trials(deepcopy=False, states=COUNTED)
+            queued = any(t.state == TrialState.WAITING for t in held)
+            if not queued and len(held) >= self.n_trials:
+                raise BudgetFull(f"study {self.study_name} holds {len(held)} of its "
+                                 f"{self.n_trials} trials")
+            return super().ask(fixed_distributions)
+
+
 def open_study(spec: StudySpec, sampler: optuna.samplers.BaseSampler | None = None
-               ) -> optuna.Study:
+               ) -> BudgetedStudy:
     """Create the study or join the existing one of the same name (resume / more workers)."""
     storage = make_storage(spec.storage, spec.out_dir)
     multi = len(spec.directions) > 1
@@ -149,7 +263,8 @@ def open_study(spec: StudySpec, sampler: optuna.samplers.BaseSampler | None = No
         raise ConfigError(f"study {spec.name!r} already exists with directions {list(have)}, "
                           f"not {list(spec.directions)} (another tune.objective); use another "
                           "tune.study name")
-    return study
+    return BudgetedStudy(study.study_name, study._storage, study.sampler, study.pruner,
+                         spec.n_trials, storage_lock(spec.storage, spec.out_dir, spec.name))
 
 
 def reclaim_running(study: optuna.Study) -> list[int]:
@@ -211,22 +326,26 @@ def finished(study: optuna.Study) -> int:
 def optimize(study: optuna.Study, spec: StudySpec, fn: TrialFn, *, show_progress: bool = True,
              catch: tuple[type[Exception], ...] = ()) -> None:
     """Run trials until the study holds `n_trials` finished (complete or pruned) trials,
-    counting those of every worker."""
+    counting those of every worker; with a `BudgetedStudy`, stop as soon as the remaining slots
+    are taken by other workers' running trials."""
     done = finished(study)
     remaining = max(0, spec.n_trials - done)
     if remaining == 0:
         log.info("study %s already has %d finished trials; nothing to do", study.study_name, done)
         return
     log.info("study %s: %d finished, running up to %d more", study.study_name, done, remaining)
-    study.optimize(
-        fn,
-        n_trials=remaining,
-        timeout=spec.timeout_s,
-        callbacks=[optuna.study.MaxTrialsCallback(spec.n_trials, states=FINISHED)],
-        show_progress_bar=show_progress,
-        gc_after_trial=True,
-        catch=catch,
-    )
+    try:
+        study.optimize(
+            fn,
+            n_trials=remaining,
+            timeout=spec.timeout_s,
+            callbacks=[optuna.study.MaxTrialsCallback(spec.n_trials, states=FINISHED)],
+            show_progress_bar=show_progress,
+            gc_after_trial=True,
+            catch=catch,
+        )
+    except BudgetFull as full:
+        log.info("%s; this worker stops", full)
 
 
 def choose_best(study: optuna.Study, max_frr: float = 0.01) -> FrozenTrial | None:
