@@ -54,7 +54,14 @@ class QuantileHead(nn.Module):
         self.proj = nn.Linear(d_in, horizon * n_metrics * n_q)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
-        raw = self.proj(feat).view(-1, self.h, self.m, self.q)
+        # one small GEMM per row (baddbmm over the expanded weight) instead of `self.proj(feat)`:
+        # a plain Linear picks its kernel by batch size, so a window's forecast would change in
+        # the last bits with the batch it is scored in; this way a tick scored in one batch
+        # equals each deployment scored alone (same weights, same state dict)
+        b = feat.shape[0]
+        raw = torch.baddbmm(self.proj.bias.expand(b, 1, -1), feat.unsqueeze(1),
+                            self.proj.weight.t().expand(b, -1, -1))
+        raw = raw.view(-1, self.h, self.m, self.q)
         med = raw[..., self.mid: self.mid + 1]
         lo = nn.functional.softplus(raw[..., : self.mid]).flip(-1).cumsum(-1).flip(-1)
         hi = nn.functional.softplus(raw[..., self.mid + 1:]).cumsum(-1)
@@ -65,16 +72,20 @@ class LSTMNet(nn.Module):
     def __init__(self, spec: NetworkSpec):
         super().__init__()
         self.spec = spec
+        # time-major inside (batch_first is not part of the state dict): the CPU (oneDNN) LSTM
+        # runs on a contiguous [L, B, F] input without a transpose copy; `forward` takes either
         self.lstm = nn.LSTM(2 * spec.n_metrics, spec.hidden, num_layers=spec.layers,
-                            batch_first=True, dropout=spec.dropout if spec.layers > 1 else 0.0)
+                            batch_first=False, dropout=spec.dropout if spec.layers > 1 else 0.0)
         self.head = QuantileHead(spec.hidden, spec.horizon, spec.n_metrics, len(spec.quantiles),
                                  spec.quantiles.index(0.5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.lstm(x)
+    def forward(self, x: torch.Tensor, *, time_major: bool = False) -> torch.Tensor:
+        """x [B, L, 2M] (or [L, B, 2M] with `time_major`, the scorer's inference layout) →
+        [B, H, M, Q]. Both layouts give bit-identical outputs."""
+        out, _ = self.lstm(x if time_major else x.transpose(0, 1))
         # last observed value as a skip connection: the net predicts the change
-        last = x[:, -1, : self.spec.n_metrics].unsqueeze(1).unsqueeze(-1)
-        return self.head(out[:, -1]) + last
+        last = (x[-1] if time_major else x[:, -1])[:, : self.spec.n_metrics]
+        return self.head(out[-1]) + last.unsqueeze(1).unsqueeze(-1)
 
 
 class TransformerNet(nn.Module):
@@ -99,7 +110,9 @@ class TransformerNet(nn.Module):
         self.head = QuantileHead(spec.hidden, spec.horizon, spec.n_metrics, len(spec.quantiles),
                                  spec.quantiles.index(0.5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, time_major: bool = False) -> torch.Tensor:
+        if time_major:
+            x = x.transpose(0, 1)
         h = self.encoder(self.embed(x) + self.pe[:, -x.shape[1]:])
         last = x[:, -1, : self.spec.n_metrics].unsqueeze(1).unsqueeze(-1)
         return self.head(h[:, -1]) + last

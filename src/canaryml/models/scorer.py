@@ -26,6 +26,7 @@ all run `_score_block`, the same batched code path.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections import OrderedDict
@@ -53,6 +54,7 @@ KINDS = ("app", "infra")
 _CLIP = 50.0
 _CHUNK = 2048
 _MEMO_MIN_BLOCK = 32
+_PARALLEL_MIN = 128  # windows per thread below which one thread is as fast
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,22 @@ class CanaryScorer:
         # (`with_mix`, `with_weights`): replay scores a deployment's series once for all variants
         self._memo: OrderedDict[tuple[Any, ...], dict[str, np.ndarray]] = OrderedDict()
         self._warned_no_baseline = False
+        # live ticks: results of the last `prepare`, by window identity (window, result)
+        self._prepared: dict[int, tuple[Window, ScoreResult | ScoringError]] = {}
+        # threads for the forecaster on large batches (torch ops release the GIL): with torch
+        # pinned to one intra-op thread, `workers` = the cores to use; 1 = the caller's thread
+        self.workers = 1
+        self._executor: Any = None
+        self._executor_size = 0
+        import inspect
+
+        self._time_major = "time_major" in inspect.signature(self.network.forward).parameters
         self._recalibrate()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)  # no thread pool or pending tick results in a pickle
+        state.update(_executor=None, _executor_size=0, _prepared={})
+        return state
 
     # ---- Scorer protocol -------------------------------------------------------------------
     @property
@@ -246,29 +263,65 @@ class CanaryScorer:
         return front(canary), None if baseline is None else front(baseline), first
 
     def score(self, window: Window) -> ScoreResult:
+        hit = self._prepared.pop(id(window), None)
+        if hit is not None and hit[0] is window:  # scored by `prepare` in this tick's batch
+            if isinstance(hit[1], Exception):
+                raise hit[1]
+            return hit[1]
         return self.score_batch([window])[0]
 
     def score_batch(self, windows: Sequence[Window]) -> list[ScoreResult]:
-        """Score many windows in one batched pass (same code as `score`)."""
-        out: list[ScoreResult | None] = [None] * len(windows)
-        for has_base in (True, False):
-            idx = [i for i, w in enumerate(windows) if (w.baseline is not None) == has_base]
+        """Score many windows in one batched pass (same code as `score`); the first window that
+        cannot be scored raises its `ScoringError`."""
+        out = self.score_each(windows)
+        for r in out:
+            if isinstance(r, Exception):
+                raise r
+        return out  # type: ignore[return-value]
+
+    def prepare(self, windows: Sequence[Window]) -> None:
+        """Score `windows` in one batched pass and keep each result for the `score(window)`
+        call that follows with the same window object (a live tick: the controller fetches
+        every due deployment's window, prepares them, then its policy scores each). Results
+        equal `score(window)`'s; a window that cannot be scored keeps its `ScoringError` for
+        `score` to raise. Each result is used once; the next `prepare` drops the rest."""
+        results = self.score_each(windows)
+        self._prepared = {id(w): (w, r) for w, r in zip(windows, results, strict=True)}
+
+    def score_each(self, windows: Sequence[Window]) -> list[ScoreResult | ScoringError]:
+        """Per window its result or the `ScoringError` `score(window)` would raise, from one
+        batched pass (split over `workers` threads for large batches)."""
+        out: list[ScoreResult | ScoringError | None] = [None] * len(windows)
+        groups: dict[bool, tuple[list[int], list[np.ndarray], list[np.ndarray]]] = {
+            True: ([], [], []), False: ([], [], [])}
+        for i, w in enumerate(windows):
+            try:
+                can = self._align(w, w.canary, "canary")
+                base = None if w.baseline is None else self._align(w, w.baseline, "baseline")
+            except ScoringError as exc:
+                out[i] = exc
+                continue
+            idx, cs, bs = groups[base is not None]
+            idx.append(i)
+            cs.append(can)
+            if base is not None:
+                bs.append(base)
+        for has_base, (idx, cs, bs) in groups.items():
             if not idx:
                 continue
-            can = np.stack([self._align(windows[i], windows[i].canary, "canary") for i in idx])
-            base = (np.stack([self._align(windows[i], windows[i].baseline, "baseline")  # type: ignore[arg-type]
-                              for i in idx]) if has_base else None)
-            res = self._score_block(can, base)
+            res = self._score_block(np.stack(cs), np.stack(bs) if has_base else None,
+                                    memo=False)
             bad = res["invalid"]
             for j, i in enumerate(idx):
                 if bad[j]:
                     missing = [m for m, ok in zip(self._metrics, res["observed"][j], strict=True) if not ok]
-                    raise ScoringError(
+                    out[i] = ScoringError(
                         f"deployment {windows[i].deployment_id!r}: metric(s) {', '.join(missing)} "
                         f"have no observed value in the last {self.lookback} steps of the canary; "
                         "fix the metric source (scrape/PromQL) — the scorer will not guess"
                     )
-                out[i] = self._result(res, j)
+                else:
+                    out[i] = self._result(res, j)
         return [r for r in out if r is not None]
 
     def score_series(self, arrays: DeploymentArrays) -> np.ndarray:
@@ -321,6 +374,7 @@ class CanaryScorer:
                             metrics=self._metrics, catalog=self.catalog, detectors=self.detectors,
                             calibration=self.calibration, weights=weights, step_s=self._step_s,
                             gap_scale=self.gap_scale, info=self.info)
+        copy.workers = self.workers
         copy._memo = self._memo  # operating_point stays None: it was chosen for this mix only
         return copy
 
@@ -346,6 +400,7 @@ class CanaryScorer:
 
     def _align(self, window: Window, values: np.ndarray, group: str) -> np.ndarray:
         values = np.asarray(values, dtype=np.float32)
+        lookback = self.spec.lookback + self.spec.horizon
         if values.ndim != 2 or values.shape[1] != len(window.metrics):
             raise ScoringError(
                 f"deployment {window.deployment_id!r}: {group} has shape {values.shape}, expected "
@@ -358,15 +413,48 @@ class CanaryScorer:
                 f" + horizon {self.spec.horizon}); the first score comes once the canary has run "
                 "that long"
             )
-        idx = self._index_for(window.metrics, f"deployment {window.deployment_id!r}")
-        v = values[-self.lookback:, idx]
-        if len(v) < self.lookback:  # a canary's first minutes: NaN-pad the front
-            v = np.concatenate([np.full((self.lookback - len(v), v.shape[1]), np.nan, v.dtype), v])
+        key = window.metrics if isinstance(window.metrics, tuple) else tuple(window.metrics)
+        idx = self._index_cache.get(key)
+        if idx is None:
+            idx = self._index_for(window.metrics, f"deployment {window.deployment_id!r}")
+        v = values[-lookback:, idx]
+        if len(v) < lookback:  # a canary's first minutes: NaN-pad the front
+            v = np.concatenate([np.full((lookback - len(v), v.shape[1]), np.nan, v.dtype), v])
         return v
 
     def _forecast(self, inputs: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return self.network(torch.from_numpy(model_input(inputs))).numpy()
+        """Quantile forecasts [N, H, M, Q] of scaled inputs [N, L, M] (NaN = not observed), one
+        forward pass without autograd. The network gets a contiguous time-major [L, N, 2M]
+        input (the CPU LSTM then needs no transpose copy; outputs are bit-identical)."""
+        x = torch.from_numpy(model_input(np.swapaxes(inputs, 0, 1)))
+        with torch.inference_mode():  # thread-local: entered in the thread that runs it
+            if self._time_major:
+                return self.network(x, time_major=True).numpy()
+            return self.network(x.transpose(0, 1)).numpy()
+
+    def _components_parallel(self, can: np.ndarray, base: np.ndarray | None
+                             ) -> dict[str, np.ndarray]:
+        """`_components` of a large block split over `workers` threads (torch and the large
+        numpy operations release the GIL; run torch with one intra-op thread then, see
+        `workers`). Every window's features are computed alone, so the split changes nothing."""
+        n = len(can)
+        parts = min(self.workers, n // _PARALLEL_MIN)
+        if parts <= 1:
+            return self._components(can, base)
+        bounds = np.linspace(0, n, parts + 1).astype(int)
+        spans = list(itertools.pairwise(bounds))
+        done = list(self._pool().map(
+            lambda ab: self._components(can[ab[0]:ab[1]],
+                                        None if base is None else base[ab[0]:ab[1]]), spans))
+        return {k: np.concatenate([d[k] for d in done]) for k in done[0]}
+
+    def _pool(self) -> Any:
+        if self._executor is None or self._executor_size != self.workers:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="canaryml-score")
+            self._executor_size = self.workers
+        return self._executor
 
     def _components(self, can: np.ndarray, base: np.ndarray | None) -> dict[str, np.ndarray]:
         """Raw features of [N, W, M] raw-unit windows (canary, baseline or None)."""
@@ -494,9 +582,10 @@ class CanaryScorer:
         self._power = _deployment_power(raw, g, q, a)
         self._power_kind = [_deployment_power(kind_raw[:, k], g, q, a) for k in range(2)]
 
-    def _score_block(self, can: np.ndarray, base: np.ndarray | None) -> dict[str, np.ndarray]:
-        if len(can) < _MEMO_MIN_BLOCK:  # single windows (live ticks): nothing to share
-            comps = self._components(can, base)
+    def _score_block(self, can: np.ndarray, base: np.ndarray | None, *,
+                     memo: bool = True) -> dict[str, np.ndarray]:
+        if not memo or len(can) < _MEMO_MIN_BLOCK:  # live ticks: nothing to share
+            comps = self._components_parallel(can, base)
         else:
             key = (self.weights.drift_weight, can.shape, hash(can.tobytes()),
                    None if base is None else hash(base.tobytes()))
@@ -523,7 +612,8 @@ class CanaryScorer:
             "score": score, "raw": raw,
             "app_score": _ecdf_apply(kind_raw[:, 0], *self._ecdf_kind[0]) ** self._power_kind[0],
             "infra_score": _ecdf_apply(kind_raw[:, 1], *self._ecdf_kind[1]) ** self._power_kind[1],
-            "forecast_error": fe_n @ w, "detector_score": det_n @ w,
+            # row sums, not `@`: BLAS would pick a kernel by batch size (last-bit changes)
+            "forecast_error": (fe_n * w).sum(1), "detector_score": (det_n * w).sum(1),
             "contributions": share, "breach_eta_s": comps["eta"],
             "invalid": comps["invalid"], "observed": comps["observed"],
         }
