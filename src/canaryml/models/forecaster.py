@@ -9,6 +9,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -67,11 +68,14 @@ class Forecaster(pl.LightningModule):
 def fit_forecaster(module: Forecaster, train: WindowDataset, val: WindowDataset | None, *,
                    max_epochs: int, batch_size: int, patience: int, work_dir: Path,
                    accelerator: str = "auto", devices: int = 1, progress_bar: bool = True,
-                   seed: int = 0, callbacks: Sequence[pl.Callback] = ()
+                   seed: int = 0, callbacks: Sequence[pl.Callback] = (),
+                   logger: Logger | None = None
                    ) -> tuple[Forecaster, list[dict[str, float]], float]:
     """Fit with early stopping + checkpointing (best val/loss restored). Returns the module on
     CPU in eval mode, its per-epoch history and the mean seconds per epoch. Extra Lightning
-    `callbacks` (e.g. an Optuna pruning callback) run after the built-in ones."""
+    `callbacks` (e.g. an Optuna pruning callback) run after the built-in ones; `logger` receives
+    the curves during the fit (e.g. `canaryml.tracking.lightning_logger()`; default a CSV file
+    in `work_dir`)."""
     import time
 
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
@@ -86,7 +90,8 @@ def fit_forecaster(module: Forecaster, train: WindowDataset, val: WindowDataset 
     all_callbacks: list[pl.Callback] = [
         ckpt, EarlyStopping(monitor=monitor, patience=patience, mode="min"), *callbacks]
     trainer = pl.Trainer(max_epochs=max_epochs, accelerator=accelerator, devices=devices,
-                         callbacks=all_callbacks, logger=CSVLogger(str(work_dir), name="lightning"),
+                         callbacks=all_callbacks,
+                         logger=logger or CSVLogger(str(work_dir), name="lightning"),
                          enable_progress_bar=progress_bar, enable_model_summary=False,
                          default_root_dir=str(work_dir), num_sanity_val_steps=0,
                          log_every_n_steps=10)
