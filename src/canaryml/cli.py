@@ -86,6 +86,13 @@ COMMANDS: dict[str, Command] = {
         "the @champion scorer, decide and act (Kubernetes, Argo Rollouts, Flagger, Swarm or dry "
         "run); /metrics, /healthz and the verdict endpoints over HTTP.",
         ("mlflow",), ("serve", "policy"), ("metrics",)),
+    "forward": Command(
+        "forward app + infra telemetry Prometheus → Kafka for `serve` (kafka source)",
+        "Pull the catalog's app and infra metrics of each deployment's canary and baseline "
+        "groups from Prometheus (the serve source's queries and selectors) and produce them to "
+        "the Kafka topic `canaryml serve serve.source.kind=kafka` consumes, keyed by deployment, "
+        "with batching, retries (missed steps re-sent) and its own /metrics.",
+        (), ("forward",), ("metrics", "serve")),
     "demo": Command(
         "the whole pipeline end to end on embedded defaults",
         "The whole pipeline end to end: simulate, ingest, train, replay, promote, a live loop "

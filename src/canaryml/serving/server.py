@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, generate_latest
@@ -184,6 +184,15 @@ class Response:
 Handler = Callable[[Request], Response]
 
 
+class ProcessMetrics(Protocol):
+    """What the server needs of a process's metrics: the registry `/metrics` exports and an
+    error counter (ServeMetrics for `canaryml serve`, ForwardMetrics for `canaryml forward`)."""
+
+    registry: CollectorRegistry
+
+    def error(self, kind: str) -> None: ...
+
+
 class ServeMetrics:
     """The controller's own metrics, in a registry of its own (no global state)."""
 
@@ -247,7 +256,7 @@ class ObservabilityServer:
     without editing the config. `token` guards every `/api/` route (see the module docstring).
     """
 
-    def __init__(self, metrics: ServeMetrics, health: Health, *, host: str | None = None,
+    def __init__(self, metrics: ProcessMetrics, health: Health, *, host: str | None = None,
                  port: int = 0, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                  read_timeout_s: float = READ_TIMEOUT_S, backlog: int = BACKLOG,
                  request_deadline_s: float = REQUEST_DEADLINE_S) -> None:
