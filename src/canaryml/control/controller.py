@@ -4,6 +4,13 @@
         → append the record to the decision sink → observer.decided (metrics; Kafka ack)
         → apply (Actuator) → observer.applied / apply_failed → observer.stepped (checkpoint)
 
+`step_many(deployment_ids, now_s)` is the same body for a whole tick, phase by phase: every
+due deployment's window is fetched, the policy's scorer scores them all in one batched pass
+(`prepare`, when it has one; each result equals scoring the window alone), the policy decides
+each, the sink stores all records in one group commit (`append_many`: one fsync per tick), the
+observer hears `decided_many` (serve: one Kafka offset commit), and only then is any action
+applied. `step(deployment_id)` is `step_many([deployment_id])`.
+
 What differs between replay and the live controller is injected, never branched on:
 
 * the **decision sink** — `MemoryLog` (replay, tests) or the durable SQLite
@@ -34,7 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -97,6 +104,14 @@ class MemoryLog(list[LogRecord]):
     """In-memory decision log (replay, tests)."""
 
 
+def append_all(sink: DecisionSink, records: Sequence[LogRecord]) -> list[LogRecord]:
+    """Store a tick's records: one `append_many` (group commit) when the sink has it, else one
+    `append` each; returns the stored records (the sink's rows where it returns them)."""
+    many = getattr(sink, "append_many", None)
+    stored = list(many(records)) if callable(many) and records else [sink.append(r) for r in records]
+    return [s if isinstance(s, LogRecord) else r for r, s in zip(records, stored, strict=True)]
+
+
 class ControllerObserver:
     """Hooks of one `Controller.step`; the base class does nothing (replay). Serve's
     `canaryml.serving.loop.ServeLoop` overrides them for metrics, health, the Kafka ack, the
@@ -112,6 +127,12 @@ class ControllerObserver:
     def decided(self, record: LogRecord) -> None:
         """The record is in the sink (durable in serve) and not yet applied."""
 
+    def decided_many(self, records: Sequence[LogRecord]) -> None:
+        """All records of a tick are in the sink (one group commit), none applied yet. The
+        default calls `decided` for each; serve acks the source once for all of them."""
+        for record in records:
+            self.decided(record)
+
     def applied(self, record: LogRecord) -> None:
         """The actuator applied the record's action."""
 
@@ -122,6 +143,9 @@ class ControllerObserver:
 
     def stepped(self, record: LogRecord, state: dict[str, Any]) -> None:
         """End of the step; `state` is what `Controller.restore` takes back after a restart."""
+
+    def tick_done(self, records: Sequence[LogRecord]) -> None:
+        """End of a `step_many` (every action of the tick applied or failed)."""
 
 
 NULL_OBSERVER = ControllerObserver()
@@ -189,6 +213,19 @@ class Controller:
     # ---- fetch + policy (updates only the in-memory policy state) ---------------------------
     def decide(self, deployment_id: str, now_s: float) -> Decision:
         """Fetch, score and decide; failures are reported to the observer by kind."""
+        return self.decide_many([deployment_id], now_s)[0]
+
+    def decide_many(self, deployment_ids: Sequence[str], now_s: float) -> list[Decision]:
+        """`decide` for a tick: every window fetched first, then scored in one batch (the
+        policy's scorer `prepare`s them, when it can), then each decided in order."""
+        fetched = [self._fetch(dep, now_s) for dep in deployment_ids]
+        self._prepare([w for _, w, failure, _ in fetched if w is not None and failure is None])
+        return [self._decide(dep, now_s, state, window, failure, kind)
+                for dep, (state, window, failure, kind) in zip(deployment_ids, fetched,
+                                                                strict=True)]
+
+    def _fetch(self, deployment_id: str, now_s: float
+               ) -> tuple[PolicyState, Window | None, str | None, str]:
         state = self.states.get(deployment_id) or self.policy.initial_state()
         window: Window | None = None
         failure: str | None = None
@@ -203,6 +240,27 @@ class Controller:
                 self.observer.fetch_ok(deployment_id)
                 failure = window_problem(window)
                 kind = "data" if failure else ""
+        return state, window, failure, kind
+
+    def _prepare(self, windows: list[Window]) -> None:
+        """Batch-score a tick's windows ahead of the policy (ScorerPolicy's scorer `prepare`);
+        a failure here only means each window is scored alone by the policy."""
+        if len(windows) < 2:
+            return
+        try:
+            prepare = getattr(getattr(self.policy, "scorer", None), "prepare", None)
+        except Exception:  # e.g. a model holder with no model loaded yet
+            return
+        if not callable(prepare):
+            return
+        try:
+            prepare(windows)
+        except Exception as exc:  # the policy's own scoring handles (and reports) it
+            log.debug("batched scoring failed (%s: %s); scoring each window alone",
+                      type(exc).__name__, exc)
+
+    def _decide(self, deployment_id: str, now_s: float, state: PolicyState,
+                window: Window | None, failure: str | None, kind: str) -> Decision:
         decision, new_state = self.policy.step(None if failure else window, now_s, state,
                                                failure=failure)
         self.states[deployment_id] = new_state
@@ -248,31 +306,44 @@ class Controller:
     def step(self, deployment_id: str, now_s: float | None = None) -> LogRecord:
         """fetch → score → decide → log → apply. Returns the logged record (the stored one
         when the sink returns it). `now_s` defaults to `clock()`."""
+        return self.step_many([deployment_id], now_s)[0]
+
+    def step_many(self, deployment_ids: Sequence[str], now_s: float | None = None
+                  ) -> list[LogRecord]:
+        """One tick over `deployment_ids` (see the module doc): fetch all → score all in one
+        batch → decide each → log all in one group commit → `decided_many` → apply each.
+        Every intent of the tick is stored before any action is applied."""
         if now_s is None:
             if self.clock is None:
                 raise TypeError("Controller.step needs now_s when the controller has no clock")
             now_s = self.clock()
-        step = self.steps.get(deployment_id, 0)
-        decision = self.decide(deployment_id, now_s)
-        raw = decision.evidence.get("reasons")
-        reasons = tuple(str(r) for r in raw) if isinstance(raw, list | tuple) else ()
-        record = LogRecord(deployment_id=deployment_id, policy=self.policy.name, step=step,
-                           decided_at=float(now_s), action=str(decision.action),
-                           score=decision.score, reason=decision.reason, reasons=reasons,
-                           evidence=decision.evidence, model_version=self.model_version)
-        stored = self.log.append(record)
-        if isinstance(stored, LogRecord):
-            record = stored
-        self.steps[deployment_id] = step + 1
-        if decision_log.isEnabledFor(logging.INFO):
-            decision_log.info(format_decision(record))
-        self.observer.decided(record)
-        if self.actuator is not None:
-            try:
-                self.actuator.apply(deployment_id, decision, step)
-            except Exception as exc:  # never fatal: the observer retries (serve) or logs
-                self.observer.apply_failed(record, exc)
-            else:
-                self.observer.applied(record)
-        self.observer.stepped(record, self.state(deployment_id))
-        return record
+        if not deployment_ids:
+            return []
+        decisions = self.decide_many(deployment_ids, now_s)
+        records = []
+        model_version = self.model_version
+        for dep, decision in zip(deployment_ids, decisions, strict=True):
+            raw = decision.evidence.get("reasons")
+            reasons = tuple(str(r) for r in raw) if isinstance(raw, list | tuple) else ()
+            records.append(LogRecord(deployment_id=dep, policy=self.policy.name,
+                                     step=self.steps.get(dep, 0), decided_at=float(now_s),
+                                     action=str(decision.action), score=decision.score,
+                                     reason=decision.reason, reasons=reasons,
+                                     evidence=decision.evidence, model_version=model_version))
+        records = append_all(self.log, records)
+        for record in records:
+            self.steps[record.deployment_id] = record.step + 1
+            if decision_log.isEnabledFor(logging.INFO):
+                decision_log.info(format_decision(record))
+        self.observer.decided_many(records)
+        for record, decision in zip(records, decisions, strict=True):
+            if self.actuator is not None:
+                try:
+                    self.actuator.apply(record.deployment_id, decision, record.step)
+                except Exception as exc:  # never fatal: the observer retries (serve) or logs
+                    self.observer.apply_failed(record, exc)
+                else:
+                    self.observer.applied(record)
+            self.observer.stepped(record, self.state(record.deployment_id))
+        self.observer.tick_done(records)
+        return records

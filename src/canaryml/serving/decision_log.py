@@ -10,6 +10,14 @@ Write order, so that a crash never acts twice and never loses an entry:
 3. `mark_applied()` (or `mark_failed()`; or `mark_skipped()` for an action that can never be
    applied, e.g. no actuator target: it is not pending and never re-applied).
 
+Group commit (the serve loop's tick): `append_many` writes every decision of a tick, with
+each deployment's state, in ONE transaction — one fsync of the WAL per tick, before any of those
+actions is applied. `mark_applied_many` then records the tick's landed actions in one
+transaction committed without an fsync (`synchronous=NORMAL` for that commit): the marks reach
+the disk with the next durable commit; a crash (or power loss) before it leaves them pending,
+and the restart re-applies them, which the actuators' idempotency turns into a no-op. `syncs`
+counts the durable (fsynced) commits.
+
 After a crash between 1 and 3, `pending()` lists the intents that were never marked; the
 controller re-applies them, which the actuators' idempotency turns into a no-op when the first
 attempt had landed. Kafka offsets are committed only after step 1 (see `KafkaSource.ack`).
@@ -29,7 +37,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +152,7 @@ class DecisionLog:
                               "data/serve/decisions.sqlite (serve.decision_log)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self.syncs = 0  # durable (fsynced) commits so far
         self.moved_aside: Path | None = None
         try:
             self._db = _open(self.path)
@@ -172,15 +181,25 @@ class DecisionLog:
         self.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction; `durable=False` commits it without an fsync (WAL, synchronous
+        NORMAL): it becomes durable with the next durable commit."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
+            if durable:
+                self.syncs += 1
 
     # --- decisions ---------------------------------------------------------------------------
     def append(self, record: LogRecord, state: Mapping[str, Any] | None = None) -> LogEntry:
@@ -194,6 +213,22 @@ class DecisionLog:
         entry, _ = self._insert(record.deployment_id, record.step, decision, record.policy,
                                 record.decided_at, record.model_version, state)
         return entry
+
+    def append_many(self, items: Sequence[tuple[LogRecord, Mapping[str, Any] | None]]
+                    ) -> list[LogEntry]:
+        """Group commit: every (record, state) of a tick in one durable transaction (one fsync),
+        each as `append(record, state)` would store it; returns the rows in order."""
+        if not items:
+            return []
+        out: list[LogEntry] = []
+        with self._tx() as db:
+            for record, state in items:
+                decision = Decision(Action(record.action), record.reason, record.score,
+                                    dict(record.evidence))
+                out.append(self._insert_in(db, record.deployment_id, record.step, decision,
+                                           record.policy, record.decided_at,
+                                           record.model_version, state)[0])
+        return out
 
     def record(self, deployment_id: str, step: int, decision: Decision, *, policy: str = "model",
                decided_at: float | None = None, model_version: str | None = None) -> LogEntry:
@@ -213,19 +248,30 @@ class DecisionLog:
                 decided_at: float, model_version: str | None,
                 state: Mapping[str, Any] | None = None) -> tuple[LogEntry, bool]:
         with self._tx() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO decisions (deployment_id, policy, step, decided_at, action,"
-                " score, reasons, evidence, model_version, reason) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (deployment_id, policy, int(step), decided_at, str(decision.action),
-                 None if decision.score is None else float(decision.score),
-                 json.dumps(_reasons(decision)), json.dumps(decision.evidence, default=str),
-                 model_version, decision.reason),
-            )
-            inserted = cur.rowcount == 1
-            if inserted and state is not None:
+            return self._insert_in(db, deployment_id, step, decision, policy, decided_at,
+                                   model_version, state)
+
+    def _insert_in(self, db: sqlite3.Connection, deployment_id: str, step: int,
+                   decision: Decision, policy: str, decided_at: float, model_version: str | None,
+                   state: Mapping[str, Any] | None) -> tuple[LogEntry, bool]:
+        """Insert one decision (and the state after it) inside the caller's transaction."""
+        cur = db.execute(
+            "INSERT OR IGNORE INTO decisions (deployment_id, policy, step, decided_at, action,"
+            " score, reasons, evidence, model_version, reason) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (deployment_id, policy, int(step), decided_at, str(decision.action),
+             None if decision.score is None else float(decision.score),
+             json.dumps(_reasons(decision)), json.dumps(decision.evidence, default=str),
+             model_version, decision.reason),
+        )
+        inserted = cur.rowcount == 1
+        if inserted:
+            row_id = cur.lastrowid
+            if state is not None:
                 self._save_state(db, deployment_id, step, state)
-            row = db.execute("SELECT * FROM decisions WHERE deployment_id=? AND policy=? AND step=?",
-                             (deployment_id, policy, int(step))).fetchone()
+            row = db.execute("SELECT * FROM decisions WHERE id=?", (row_id,)).fetchone()
+        else:
+            row = db.execute("SELECT * FROM decisions WHERE deployment_id=? AND policy=? AND "
+                             "step=?", (deployment_id, policy, int(step))).fetchone()
         entry = self._entry(row)
         if not inserted:
             log.info("decision for deployment=%s policy=%s step=%d already logged (action=%s)",
@@ -237,13 +283,27 @@ class DecisionLog:
             db.execute("UPDATE decisions SET applied=1, applied_at=?, error=NULL WHERE id=?",
                        (time.time(), entry_id))
 
-    def mark_skipped(self, entry_id: int, reason: str) -> None:
-        """The action will never be applied (stored as applied=-1: not pending, not applied)."""
-        with self._tx() as db:
+    def mark_applied_many(self, entry_ids: Sequence[int]) -> None:
+        """Mark a tick's landed actions in one transaction, committed without an fsync (see
+        the module doc: a mark lost in a crash only means an idempotent re-apply)."""
+        if not entry_ids:
+            return
+        now = time.time()
+        with self._tx(durable=False) as db:
+            db.executemany("UPDATE decisions SET applied=1, applied_at=?, error=NULL WHERE id=?",
+                           [(now, int(i)) for i in entry_ids])
+
+    def mark_skipped(self, entry_id: int, reason: str, *, durable: bool = True) -> None:
+        """The action will never be applied (stored as applied=-1: not pending, not applied).
+        `durable=False`: no fsync of its own (lost in a crash, it is re-applied and skipped
+        again)."""
+        with self._tx(durable=durable) as db:
             db.execute("UPDATE decisions SET applied=-1, error=? WHERE id=?", (reason, entry_id))
 
-    def mark_failed(self, entry_id: int, error: str) -> None:
-        with self._tx() as db:
+    def mark_failed(self, entry_id: int, error: str, *, durable: bool = True) -> None:
+        """Record why the action did not land (it stays pending). `durable=False`: no fsync of
+        its own (the serve loop's ticks: the entry is pending on disk either way)."""
+        with self._tx(durable=durable) as db:
             db.execute("UPDATE decisions SET applied=0, error=? WHERE id=?", (error, entry_id))
 
     def entries(self, deployment_id: str | None = None, policy: str | None = None) -> list[LogEntry]:

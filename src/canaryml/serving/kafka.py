@@ -13,6 +13,12 @@ Event (JSON value, key = deployment_id)::
 - `enable.auto.commit=false`: `fetch()` remembers which offsets a window covered; the loop calls
   `ack(deployment_id)` after the decision is in the decision log, and only then are offsets
   committed — the lowest offset still needed by any undecided deployment of a partition.
+- A tick acks all its deployments with `ack_many(deployment_ids)`: one synchronous offset commit
+  per tick instead of one per deployment.
+- Event-driven ticks: `ready()` lists the deployments with a complete new step since their last
+  window — every series the deployment sends per step has arrived for its newest slot (the
+  widest step seen so far), or `settle_s` passed since that slot's first event — each with that
+  slot, so a controller decides as soon as a step is in instead of at its next timer tick.
 - When the broker is unreachable `fetch()` raises `SourceError` (the controller pauses);
   `broker_down()` says so without fetching (serve reports it in `/healthz` as component
   `kafka` and counts each outage), and `stats["broker_down"]` counts outages.
@@ -56,7 +62,7 @@ class KafkaSource:
     def __init__(self, bootstrap_servers: str, topic: str, group_id: str, metrics: Sequence[str],
                  *, step_s: float, buffer_steps: int = 720, poll_timeout_s: float = 0.2,
                  config: Mapping[str, Any] | None = None, max_future_s: float = 300.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, settle_s: float = 5.0) -> None:
         if step_s <= 0 or buffer_steps < 1:
             raise ConfigError(f"step_s={step_s} must be > 0 and buffer_steps={buffer_steps} >= 1 "
                               "(serve.step_s, serve.source.kafka.buffer_steps)")
@@ -73,6 +79,7 @@ class KafkaSource:
         self.poll_timeout_s = poll_timeout_s
         self.max_future_s = float(max_future_s)
         self.clock = clock
+        self.settle_s = float(settle_s)
         self._last_wait = float("-inf")  # monotonic time of the last waiting poll in fetch()
         conf: dict[str, Any] = {
             "bootstrap.servers": bootstrap_servers,
@@ -95,6 +102,13 @@ class KafkaSource:
         self._position: dict[int, int] = {}  # next offset to consume per partition
         self._committed: dict[int, int] = {}
         self._fetched: dict[str, dict[int, int]] = {}  # offsets a fetched window covered
+        # per deployment: newest slot, cells filled per recent slot, widest step seen, the
+        # slot its last window ended on, and when its newest slot's first event arrived
+        self._newest: dict[str, int] = {}
+        self._fill: dict[str, dict[int, int]] = {}
+        self._width: dict[str, int] = {}
+        self._windowed: dict[str, int] = {}
+        self._first_seen: dict[str, float] = {}
         self._down: str | None = None
         self.stats = {"events": 0, "duplicates": 0, "late": 0, "out_of_order": 0, "invalid": 0,
                       "unknown_metric": 0, "non_finite": 0, "future": 0, "broker_down": 0}
@@ -143,6 +157,8 @@ class KafkaSource:
         for dep in [d for d, p in self._partition_of.items() if p not in kept]:
             self._buf.pop(dep, None)
             self._partition_of.pop(dep, None)
+            for book in (self._newest, self._fill, self._width, self._windowed, self._first_seen):
+                book.pop(dep, None)  # type: ignore[attr-defined]
         self._fetched.clear()
         self._pending.clear()  # re-read from the committed offsets, so rebuilt
         self._position.clear()
@@ -203,15 +219,17 @@ class KafkaSource:
         slot = math.floor(ts / self.step_s)
         groups = self._buf.setdefault(dep, {})
         ring = groups.setdefault(group, {})
-        newest = max((max(r) for r in groups.values() if r), default=slot)
+        newest = self._newest.get(dep, slot)  # the newest slot buffered (a running maximum)
         if slot <= newest - self.buffer_steps:
             self.stats["late"] += 1
             return
         row = ring.get(slot)
         if row is None:
             row = ring[slot] = np.full(len(self.metrics), np.nan, dtype=np.float32)
-        elif not np.isnan(row[j]):
+        elif not math.isnan(row[j]):
             self.stats["duplicates"] += 1
+        if math.isnan(row[j]):
+            self._filled(dep, slot, newest)
         if slot < newest:  # out of order but inside the buffer: placed by its timestamp
             self.stats["out_of_order"] += 1
         row[j] = val
@@ -220,6 +238,34 @@ class KafkaSource:
             cutoff = max(ring) - self.buffer_steps
             for s in [s for s in ring if s <= cutoff]:
                 del ring[s]
+
+    def _filled(self, dep: str, slot: int, newest: int) -> None:
+        """Bookkeeping of `ready()`: one more (group, metric) cell of `slot` has a value."""
+        fill = self._fill.setdefault(dep, {})
+        fill[slot] = fill.get(slot, 0) + 1
+        if slot > newest or dep not in self._newest:
+            self._newest[dep] = slot
+            self._first_seen[dep] = time.monotonic()
+            # the slots before the new newest one are complete as far as width goes
+            self._width[dep] = max([self._width.get(dep, 0),
+                                    *(n for s, n in fill.items() if s < slot)])
+            for s in [s for s in fill if s < slot - 2]:
+                del fill[s]
+
+    def ready(self) -> list[tuple[str, int]]:
+        """(deployment, slot) for each deployment whose newest slot is newer than the end of
+        its last window and complete: as many series as the widest step it has sent, or its
+        first event `settle_s` ago (a deployment's very first step waits `settle_s`)."""
+        now = time.monotonic()
+        out = []
+        for dep, slot in self._newest.items():
+            if slot <= self._windowed.get(dep, slot - 1):
+                continue
+            width = self._width.get(dep, 0)
+            if (width and self._fill[dep].get(slot, 0) >= width) or \
+                    now - self._first_seen.get(dep, now) >= self.settle_s:
+                out.append((dep, slot))
+        return out
 
     def refresh(self) -> str | None:
         """Between ticks: learn the partition assignment (a non-blocking poll), then say why the
@@ -279,6 +325,10 @@ class KafkaSource:
                 if row is not None:
                     arr[i] = row
             out[g] = arr
+        newest = self._newest.get(deployment_id)
+        if newest is not None:
+            prev, upto = self._windowed.get(deployment_id), min(end, newest)
+            self._windowed[deployment_id] = upto if prev is None else max(prev, upto)
         p = self._partition_of.get(deployment_id)
         pend = self._pending.get(p, {}).get(deployment_id) if p is not None else None
         if p is not None and pend:
@@ -295,6 +345,12 @@ class KafkaSource:
         Returns False when the commit failed (it is retried by the next `ack`).
         """
         self.release(deployment_id)
+        return self._commit()
+
+    def ack_many(self, deployment_ids: Sequence[str]) -> bool:
+        """`ack` for a whole tick: release every deployment's offsets, then ONE commit."""
+        for dep in deployment_ids:
+            self.release(dep)
         return self._commit()
 
     def release(self, deployment_id: str) -> None:

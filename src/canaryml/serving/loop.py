@@ -5,13 +5,19 @@ same class and the same `step` replay runs — with the live injections: the dur
 `DecisionLog` as decision sink, the wall clock, the configured actuator, and itself as the
 controller's observer. Per deployment and tick, `Controller.step` does:
 
+A tick is one `Controller.step_many` over every due deployment (the phases below for all of
+them together): their windows are scored in one batched pass, their records stored in one
+group commit of the `DecisionLog` (one fsync per tick), the source acked once (Kafka: one offset
+commit for the tick, `ack_many`), then each action applied; the applied marks of the tick are
+written in one transaction at its end (no fsync of their own: see `canaryml.serving.decision_log`).
+
 1. fetch + score + policy. A source error, an unusable window or a scorer failure becomes a
    fail-safe PAUSE with the reason; the controller reports it here by kind (`source` →
    `canaryml_errors_total{kind="source"}` and `/healthz` component `telemetry`; `scorer` →
    `canaryml_errors_total{kind="scorer"}`). `policy.consecutive_error_limit` ends a run of such
    ticks with the configured outcome.
 2. The record goes to the `DecisionLog` (durable intent, one key=value line).
-3. `decided`: the source is acked (Kafka commits offsets only now).
+3. `decided_many`: the source is acked (Kafka commits offsets only now, once per tick).
 4. The actuator applies it (idempotent per (deployment, step, action)); `applied` /
    `apply_failed` mark the entry applied, or failed with the reason.
 5. `stepped`: nothing more to save — the policy state after the decision was committed
@@ -41,7 +47,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +77,9 @@ class ServeLoop(ControllerObserver):
     """The live controller's Controller and what it needs around `step` (see module doc).
 
     `source`'s optional `ack(deployment_id)` is called once a decision is durable (the Kafka
-    source commits offsets then); sources built by `canaryml.serving.registry` all have it."""
+    source commits offsets then); sources built by `canaryml.serving.registry` all have it.
+    `ack_many(deployment_ids)` acks a whole tick at once (one Kafka commit); by default it is
+    the `ack_many` of the object `ack` is bound to, when it has one, else `ack` per deployment."""
 
     def __init__(self, policy: Policy, source: MetricSource, actuator: Actuator,
                  decision_log: DecisionLog, *, lookback: int | None = None,
@@ -80,7 +88,8 @@ class ServeLoop(ControllerObserver):
                  clock: Callable[[], float] = time.time, retry_backoff_s: float = 1.0,
                  retry_backoff_max_s: float = 300.0,
                  retry_clock: Callable[[], float] = time.monotonic,
-                 ack: Callable[[str], Any] | None = None) -> None:
+                 ack: Callable[[str], Any] | None = None,
+                 ack_many: Callable[[Sequence[str]], Any] | None = None) -> None:
         if not 0 <= retry_backoff_s <= retry_backoff_max_s:
             raise ConfigError(f"actuator retry backoff {retry_backoff_s}s / max "
                               f"{retry_backoff_max_s}s must satisfy 0 <= backoff <= max "
@@ -93,6 +102,10 @@ class ServeLoop(ControllerObserver):
         self.metrics = metrics or ServeMetrics()
         self.health = health or Health()
         self.ack = ack
+        if ack_many is None and ack is not None:
+            ack_many = getattr(getattr(ack, "__self__", None), "ack_many", None)
+        self.ack_many = ack_many
+        self._marks: list[int] = []  # landed actions not yet marked applied in the log
         self.unapplied: dict[str, Unapplied] = {}  # per deployment: the action still to land
         self.retry_backoff_s = float(retry_backoff_s)
         self.retry_backoff_max_s = float(retry_backoff_max_s)
@@ -118,6 +131,7 @@ class ServeLoop(ControllerObserver):
             log.info("resume: re-applying %d action(s) for deployment=%s (steps %s)",
                      len(entries), dep, ",".join(str(e.step) for e in entries))
             self._apply(entries[0], then=tuple(entries[1:]))
+        self._flush_marks()
         if states:
             log.info("resumed %d deployment(s) from %s", len(states), self.log.path)
 
@@ -125,12 +139,12 @@ class ServeLoop(ControllerObserver):
         """Retry unapplied actions that are due, then one `Controller.step` per deployment that
         is neither terminal nor waiting for an unapplied action. Returns the new entries."""
         self.retry_unapplied()
-        out = []
-        for dep in deployment_ids:
-            if self.controller.is_final(dep) or dep in self.unapplied:
-                continue
-            out.append(_entry(self.controller.step(dep)))
-        return out
+        due = [dep for dep in dict.fromkeys(deployment_ids)
+               if not self.controller.is_final(dep) and dep not in self.unapplied]
+        try:
+            return [_entry(r) for r in self.controller.step_many(due)]
+        finally:
+            self._flush_marks()
 
     def retry_unapplied(self, *, force: bool = False) -> None:
         """Re-apply every unapplied action whose backoff has elapsed (all of them: `force`)."""
@@ -140,6 +154,7 @@ class ServeLoop(ControllerObserver):
                 log.info("retrying deployment=%s step=%d action=%s (attempt %d)", dep,
                          pending.entry.step, pending.entry.action, pending.attempts + 1)
                 self._apply(pending.entry, then=pending.then)
+        self._flush_marks()
 
     # ---- ControllerObserver ---------------------------------------------------------------
     def fetch_ok(self, deployment_id: str) -> None:
@@ -156,6 +171,20 @@ class ServeLoop(ControllerObserver):
         self.metrics.observe(record.deployment_id, record.decision)
         if self.ack is not None:
             self.ack(record.deployment_id)
+
+    def decided_many(self, records: Sequence[LogRecord]) -> None:
+        """The tick's records are durable: metrics, then one ack for all of them."""
+        if self.ack_many is None:
+            for record in records:
+                self.decided(record)
+            return
+        for record in records:
+            self.metrics.observe(record.deployment_id, record.decision)
+        if records:
+            self.ack_many([r.deployment_id for r in records])
+
+    def tick_done(self, records: Sequence[LogRecord]) -> None:
+        self._flush_marks()
 
     def applied(self, record: LogRecord) -> None:
         self._landed(_entry(record), ())
@@ -181,7 +210,7 @@ class ServeLoop(ControllerObserver):
         dep = entry.deployment_id
         if isinstance(exc, UnknownTargetError):
             self.metrics.skipped("unknown_target")
-            self.log.mark_skipped(entry.id, f"skipped: {exc}")
+            self.log.mark_skipped(entry.id, f"skipped: {exc}", durable=False)
             level = logging.DEBUG if dep in self._warned_targets else logging.WARNING
             self._warned_targets.add(dep)  # a stray Kafka key must not flood the log
             log.log(level, "deployment=%s step=%d action=%s skipped: %s", dep, entry.step,
@@ -198,7 +227,7 @@ class ServeLoop(ControllerObserver):
                       type(exc).__name__, exc_info=exc)
             exc = ActuatorError(f"{type(exc).__name__}: {exc}")
         self.metrics.error("actuator")
-        self.log.mark_failed(entry.id, str(exc))
+        self.log.mark_failed(entry.id, str(exc), durable=False)  # pending on disk either way
         previous = self.unapplied.get(dep)
         attempts = 1 if previous is None or previous.entry.id != entry.id \
             else previous.attempts + 1
@@ -209,9 +238,15 @@ class ServeLoop(ControllerObserver):
                   "%.1fs): %s", dep, entry.step, entry.action, attempts, delay, exc)
         self._report_unapplied()
 
+    def _flush_marks(self) -> None:
+        """Write the landed actions' applied marks, one transaction (`mark_applied_many`)."""
+        if self._marks:
+            marks, self._marks = self._marks, []
+            self.log.mark_applied_many(marks)
+
     def _landed(self, entry: LogEntry, then: tuple[LogEntry, ...]) -> None:
         dep = entry.deployment_id
-        self.log.mark_applied(entry.id)
+        self._marks.append(entry.id)  # written by _flush_marks at the end of the tick
         done = self.unapplied.get(dep)
         if done is not None and done.entry.id == entry.id:
             del self.unapplied[dep]
@@ -245,6 +280,12 @@ class _CheckpointingSink:
     def append(self, record: LogRecord) -> LogEntry:
         state = {"policy": self.loop.controller.state(record.deployment_id)}
         return self.loop.log.append(record, state)
+
+    def append_many(self, records: Sequence[LogRecord]) -> list[LogEntry]:
+        """A tick's records with their states: one group commit (one fsync)."""
+        state = self.loop.controller.state
+        return self.loop.log.append_many([(r, {"policy": state(r.deployment_id)})
+                                          for r in records])
 
 
 def _entry(record: LogRecord) -> LogEntry:
