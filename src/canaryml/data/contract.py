@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -547,21 +548,15 @@ def deduplicate(codes: SampleCodes, n_deployments: int, path: Path | str = "<sam
     Returns (codes with `keep` set when something was dropped, duplicates, unsorted_rows).
     """
     n = len(codes.value)
-    inst = codes.instance
     n_met, n_inst = max(1, len(codes.metrics)), max(1, len(codes.instances))
+    if codes.instance is None:
+        n_inst = 1
     n_series = n_deployments * 2 * n_inst * n_met
-    series: np.ndarray = codes.deployment.astype(np.int32 if n_series < 2**31 else np.int64)
-    series *= 2
-    series += codes.group
-    if n_inst > 1 and inst is not None:
-        series *= n_inst
-        series += inst
-    series *= n_met
-    series += codes.metric
-    tsi = codes.timestamp_us
-    dup_rows = _adjacent_duplicates(series, codes.deployment, tsi, 2 * n_inst * n_met)
+    dup_rows = _adjacent_duplicates(codes, n_inst, n_met, n_series)
     unsorted = 0
     if dup_rows is None:  # neither common layout: find each series' order with a sort
+        series = _series_ids(codes, 0, n, n_inst, n_met, n_series)
+        tsi = codes.timestamp_us
         if n_series < 2**16:
             order = np.argsort(series.astype(np.uint16), kind="stable")  # radix sort, O(n)
         else:
@@ -575,8 +570,7 @@ def deduplicate(codes: SampleCodes, n_deployments: int, path: Path | str = "<sam
             same = s_o[1:] == s_o[:-1]
         dup_next = same & (t_o[1:] == t_o[:-1])
         dup_rows = order[:-1][dup_next]  # of a duplicate run, keep the last written
-        del order, s_o, t_o, same, dup_next
-    del series
+        del order, s_o, t_o, same, dup_next, series
     duplicates = len(dup_rows)
     if duplicates:
         keep = np.ones(n, dtype=bool)
@@ -613,40 +607,65 @@ def samples_table(codes: SampleCodes, deployments: pd.DataFrame) -> pa.Table:
     return out
 
 
-def _adjacent_duplicates(series: np.ndarray, deployment: np.ndarray, ts: np.ndarray,
-                         series_per_deployment: int) -> np.ndarray | None:
+def _series_ids(codes: SampleCodes, lo: int, hi: int, n_inst: int, n_met: int,
+                n_series: int) -> np.ndarray:
+    """Series id (deployment, group, instance, metric) of rows lo..hi."""
+    series: np.ndarray = codes.deployment[lo:hi].astype(
+        np.int32 if n_series < 2**31 else np.int64)
+    series *= 2
+    series += codes.group[lo:hi]
+    if n_inst > 1 and codes.instance is not None:
+        series *= n_inst
+        series += codes.instance[lo:hi]
+    series *= n_met
+    series += codes.metric[lo:hi]
+    return series
+
+
+_DEDUP_CHUNK = 1 << 20
+
+
+def _adjacent_duplicates(codes: SampleCodes, n_inst: int, n_met: int, n_series: int
+                         ) -> np.ndarray | None:
     """Rows to drop as duplicates when the samples are already in one of the two common
     layouts: per series (series, time) or scrape order (deployment, time, series). Then every
     series is in time order and duplicates sit next to each other, so one linear pass over a
-    composite int64 key finds them. Returns None when the rows are in neither layout (or the
-    key would overflow) and the caller sorts."""
-    if len(series) < 2:
+    composite int64 key finds them (in chunks of rows, overlapping by one, so the temporaries
+    stay small). Returns None when the rows are in neither layout (or the key would overflow)
+    and the caller sorts."""
+    ts = codes.timestamp_us
+    n = len(ts)
+    if n < 2:
         return np.zeros(0, np.int64)
     t_min = int(ts.min())
     span = int(ts.max()) - t_min + 1
-    n_series = int(series.max()) + 1
-    if n_series * span >= 2**62:
-        return None
-    # composite keys are built in place and compared without np.diff: ~13 bytes a row
-    # layout 1: non-decreasing in (series, time)
-    key = series.astype(np.int64)
-    key *= span
-    key += ts
-    key -= t_min
-    if not (key[1:] < key[:-1]).any():
-        return np.flatnonzero(key[1:] == key[:-1])
-    # layout 2: non-decreasing in (deployment, time, series within the deployment)
-    n_dep = int(deployment.max()) + 1
-    if n_dep * span * series_per_deployment >= 2**62:
-        return None
-    np.copyto(key, deployment, casting="safe")
-    key *= span
-    key += ts
-    key -= t_min
-    key *= series_per_deployment
-    key += series % series_per_deployment
-    if not (key[1:] < key[:-1]).any():
-        return np.flatnonzero(key[1:] == key[:-1])
+    per_dep = 2 * n_inst * n_met
+    n_dep = int(codes.deployment.max()) + 1
+    layouts = []
+    if n_series * span < 2**62:
+        layouts.append(1)
+    if n_dep * span * per_dep < 2**62:
+        layouts.append(2)
+    for layout in layouts:
+        found: list[np.ndarray] = []
+        for lo in range(0, n - 1, _DEDUP_CHUNK):
+            hi = min(n, lo + _DEDUP_CHUNK + 1)  # one row of overlap with the next chunk
+            series = _series_ids(codes, lo, hi, n_inst, n_met, n_series)
+            if layout == 1:  # non-decreasing in (series, time)
+                key = series.astype(np.int64)
+            else:  # non-decreasing in (deployment, time, series within the deployment)
+                key = codes.deployment[lo:hi].astype(np.int64)
+            key *= span
+            key += ts[lo:hi]
+            key -= t_min
+            if layout == 2:
+                key *= per_dep
+                key += series % per_dep
+            if (key[1:] < key[:-1]).any():
+                break
+            found.append(np.flatnonzero(key[1:] == key[:-1]) + lo)
+        else:
+            return np.concatenate(found) if found else np.zeros(0, np.int64)
     return None
 
 
@@ -708,9 +727,10 @@ def _sample_batches(path: Path) -> Iterator[pa.RecordBatch]:
     raise _Fallback("not a CSV or Parquet table")
 
 
-def _batch_codes(col: pa.Array, pos: dict[str, int], grow: bool) -> np.ndarray:
-    """int32 codes of a string column's rows in `pos` (grown with new values when `grow`);
-    `_Fallback` on a null, an empty name or a value outside `pos` (the full path names them)."""
+def _batch_codes(col: pa.Array, pos: dict[str, int], grow: bool, out: np.ndarray) -> None:
+    """Write the codes of a string column's rows in `pos` (grown with new values when `grow`)
+    into `out`; `_Fallback` on a null, an empty name or a value outside `pos` (the whole-table
+    path names them)."""
     if not pa.types.is_dictionary(col.type):
         if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
             raise _Fallback("not text")
@@ -721,7 +741,7 @@ def _batch_codes(col: pa.Array, pos: dict[str, int], grow: bool) -> np.ndarray:
     dictionary = col.dictionary
     if not (pa.types.is_string(dictionary.type) or pa.types.is_large_string(dictionary.type)):
         raise _Fallback("not text")
-    mapping = np.empty(max(1, len(dictionary)), np.int32)
+    mapping = np.empty(max(1, len(dictionary)), out.dtype)
     for i, value in enumerate(dictionary.to_pylist()):
         code = pos.get(value)
         if code is None:
@@ -729,10 +749,10 @@ def _batch_codes(col: pa.Array, pos: dict[str, int], grow: bool) -> np.ndarray:
                 raise _Fallback("unknown value")
             code = pos[value] = len(pos)
         mapping[i] = code
-    return mapping[col.indices.to_numpy(zero_copy_only=False)]
+    np.take(mapping, col.indices.to_numpy(zero_copy_only=False), out=out)
 
 
-def _batch_timestamps(col: pa.Array) -> np.ndarray:
+def _batch_timestamps(col: pa.Array, out: np.ndarray) -> None:
     """Epoch microseconds (int64) of a timestamp column, as `to_utc_timestamps` computes them."""
     if col.null_count:
         raise _Fallback("null timestamp")
@@ -743,63 +763,96 @@ def _batch_timestamps(col: pa.Array) -> np.ndarray:
         micros = pc.round(pc.multiply(pc.cast(col, pa.float64()), 1e6))
     else:
         raise _Fallback("timestamp text")
-    return np.asarray(pc.cast(micros, pa.int64()).to_numpy(zero_copy_only=False), np.int64)
+    out[:] = pc.cast(micros, pa.int64()).to_numpy(zero_copy_only=False)
 
 
-def _batch_values(col: pa.Array) -> np.ndarray:
+def _batch_values(col: pa.Array, out: np.ndarray) -> None:
     typ = col.type
     if not (pa.types.is_floating(typ) or pa.types.is_integer(typ) or pa.types.is_null(typ)):
         raise _Fallback("value type")
-    values = np.asarray(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False), np.float64)
+    out[:] = pc.fill_null(pc.cast(col, pa.float64()), np.nan).to_numpy(zero_copy_only=False)
     with np.errstate(invalid="ignore"):
-        if (np.abs(values) > _F32_MAX).any():  # NaN compares False: a missed scrape is fine
+        if (np.abs(out) > _F32_MAX).any():  # NaN compares False: a missed scrape is fine
             raise _Fallback("infinite or beyond float32")
-    return values
+
+
+class _Columns:
+    """The code arrays, allocated once for the expected row count and filled batch by batch.
+
+    Pages past the rows written are never touched, so over-estimating the row count costs
+    address space, not memory; under-estimating grows the arrays by half (one copy)."""
+
+    DTYPES: ClassVar[dict[str, type]] = {"dep": np.int32, "grp": np.int8, "met": np.int32,
+                                         "inst": np.int32, "ts": np.int64, "val": np.float64}
+
+    def __init__(self, capacity: int, instance: bool) -> None:
+        self.n = 0
+        self.capacity = max(1, capacity)
+        self.arrays: dict[str, np.ndarray] = {
+            k: np.empty(self.capacity, t) for k, t in self.DTYPES.items()
+            if instance or k != "inst"}
+
+    def take(self, rows: int) -> dict[str, np.ndarray]:
+        """Views for the next `rows` rows (the caller fills them)."""
+        if self.n + rows > self.capacity:
+            self.capacity = max(self.n + rows, self.capacity + self.capacity // 2)
+            for k, old in self.arrays.items():
+                new = np.empty(self.capacity, old.dtype)
+                new[:self.n] = old[:self.n]
+                self.arrays[k] = new
+        lo, self.n = self.n, self.n + rows
+        return {k: a[lo:self.n] for k, a in self.arrays.items()}
+
+    def get(self, key: str) -> np.ndarray:
+        return self.arrays[key][:self.n]
+
+
+def _expected_rows(path: Path, first_rows: int) -> int:
+    """Rows the samples table likely holds, from its first batch (CSV) or its metadata."""
+    if path.suffix == ".csv" and path.is_file():
+        size = path.stat().st_size
+        per_row = min(_STREAM_BLOCK, size) / max(1, first_rows)
+        return int(size / per_row * 1.3) + first_rows
+    return int(pads.dataset(path, format="parquet").count_rows())
 
 
 def stream_sample_codes(path: Path, deployments: pd.DataFrame) -> SampleCodes:
     """Read a samples table batch by batch straight into `SampleCodes` (~25 bytes a sample).
 
     Each parsed batch is validated (known deployment and group, named metric, finite float32
-    value, timestamp) and reduced to integer codes, then dropped, so the parsed table is never
-    held whole. Raises `_Fallback` on anything unusual — a contract violation, a timestamp
-    that is not in the first row's format, a type it does not handle — and the caller re-reads
-    the file on the whole-table path, which reports violations with their rows.
+    value, timestamp) and written into preallocated code arrays, then dropped, so the parsed
+    table is never held whole. Raises `_Fallback` on anything unusual — a contract violation, a
+    timestamp that is not in the first row's format, a type it does not handle — and the
+    caller re-reads the file on the whole-table path, which reports violations with their rows.
     """
     dep_pos = {str(d): i for i, d in enumerate(deployments["deployment_id"].astype(str))}
     grp_pos = {g: i for i, g in enumerate(GROUPS)}
     met_pos: dict[str, int] = {}
     inst_pos: dict[str, int] = {}
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("dep", "grp", "met", "inst", "ts",
-                                                          "val")}
-    has_instance = False
+    cols: _Columns | None = None
     for batch in _sample_batches(path):
         if not batch.num_rows:
             continue
         names = batch.schema.names
-        parts["dep"].append(_batch_codes(batch.column(names.index("deployment_id")), dep_pos,
-                                         grow=False))
-        parts["grp"].append(_batch_codes(batch.column(names.index("group")), grp_pos,
-                                         grow=False).astype(np.int8))
-        parts["met"].append(_batch_codes(batch.column(names.index("metric")), met_pos,
-                                         grow=True))
-        if "instance" in names:
-            has_instance = True
-            parts["inst"].append(_batch_codes(batch.column(names.index("instance")), inst_pos,
-                                              grow=True))
-        parts["ts"].append(_batch_timestamps(batch.column(names.index("timestamp"))))
-        parts["val"].append(_batch_values(batch.column(names.index("value"))))
-    if not parts["val"]:
+        if cols is None:
+            cols = _Columns(_expected_rows(path, batch.num_rows), "instance" in names)
+        if ("inst" in cols.arrays) != ("instance" in names):
+            raise _Fallback("instance column in some batches only")
+        out = cols.take(batch.num_rows)
+        _batch_codes(batch.column(names.index("deployment_id")), dep_pos, False, out["dep"])
+        _batch_codes(batch.column(names.index("group")), grp_pos, False, out["grp"])
+        _batch_codes(batch.column(names.index("metric")), met_pos, True, out["met"])
+        if "inst" in out:
+            _batch_codes(batch.column(names.index("instance")), inst_pos, True, out["inst"])
+        _batch_timestamps(batch.column(names.index("timestamp")), out["ts"])
+        _batch_values(batch.column(names.index("value")), out["val"])
+    if cols is None:
         raise _Fallback("no rows")
-
-    def joined(key: str) -> np.ndarray:
-        # one column at a time, freeing its batches: peak = the codes + one column
-        chunks = parts.pop(key)
-        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-
-    instance = joined("inst") if has_instance else None
-    return SampleCodes(joined("dep"), joined("grp"), joined("met"), joined("ts"), joined("val"),
-                       tuple(met_pos), instance=instance,
+    pa.default_memory_pool().release_unused()  # the parser's buffers, kept by the allocator
+    has_instance = "inst" in cols.arrays
+    return SampleCodes(cols.get("dep"), cols.get("grp"), cols.get("met"), cols.get("ts"),
+                       cols.get("val"), tuple(met_pos),
+                       instance=cols.get("inst") if has_instance else None,
                        instances=tuple(inst_pos) if has_instance else ("",))
 
 

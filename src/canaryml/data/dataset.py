@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow.fs import FileType
 from tqdm.auto import tqdm
 
 from canaryml.catalog import Catalog
@@ -41,6 +42,7 @@ from canaryml.data.contract import (
     table_from_pandas,
     validate_deployments,
 )
+from canaryml.data.storage import locate
 from canaryml.errors import DataContractError
 
 log = logging.getLogger(__name__)
@@ -50,10 +52,16 @@ MANIFEST = "manifest.json"
 # an existing folder ingest may replace: it holds a canonical dataset's manifest (DESIGN §2.3)
 OWNS_DATASET = json_marker(MANIFEST, "schema_version", "content_hash", "counts")
 GROUP_CODES = {g: i for i, g in enumerate(GROUPS)}  # baseline=0, canary=1
+_CHUNK = 1 << 20  # samples per chunk of the resampling arithmetic
+
+
+def partition_parts(deployment_id: str) -> tuple[str, str]:
+    """The partition folder of a deployment, relative to the dataset root."""
+    return "telemetry", f"deployment_id={quote(str(deployment_id), safe='')}"
 
 
 def partition_dir(root: Path, deployment_id: str) -> Path:
-    return root / "telemetry" / f"deployment_id={quote(str(deployment_id), safe='')}"
+    return root.joinpath(*partition_parts(deployment_id))
 
 
 def _hash_files(root: Path) -> str:
@@ -125,37 +133,51 @@ def write_canonical(
     R = int(block_len.sum())
 
     mm = np.array([m_index.get(name, -1) for name in codes.metrics] or [-1], np.int64)
-    # in-place integer arithmetic: at 10 M samples every temporary array costs ~0.1 s
-    cell = codes.deployment.astype(np.int64)
-    cell *= 2
-    cell += codes.group
+    # one flat cell index per sample, in chunks of samples, each summed into the cells it
+    # spans (rows in deployment or time order touch a narrow range): no per-sample index array
+    # and no full-size temporaries. Rejected samples (duplicates, outside the window, NaN
+    # values) are masked out of the chunk.
+    start_cell = np.repeat(start_b, 2).astype(np.int64)
     n_steps_cell = np.repeat(n_steps, 2)
-    flat = codes.timestamp_us // (1_000_000 * step_s)
-    flat -= np.repeat(start_b, 2)[cell]  # step index inside the deployment's window
-    ok = flat >= 0
-    ok &= flat < n_steps_cell[cell]
-    if codes.keep is not None:
-        ok &= codes.keep
-    outside = int(np.count_nonzero(~ok)) - (
-        0 if codes.keep is None else len(ok) - int(np.count_nonzero(codes.keep)))
+    n_rows = len(codes.value)
+    sums = np.zeros(R * M, np.float64)
+    counts = np.zeros(R * M, np.int32)
+    has_group = np.zeros(len(deps) * 2, dtype=bool)
+    outside = 0
+    bucket_us = 1_000_000 * step_s
+    for lo in range(0, n_rows, _CHUNK):
+        hi = min(n_rows, lo + _CHUNK)
+        cell = codes.deployment[lo:hi] * 2
+        cell += codes.group[lo:hi]
+        step = codes.timestamp_us[lo:hi] // bucket_us
+        step -= start_cell[cell]  # step index inside the deployment's window
+        ok = step >= 0
+        ok &= step < n_steps_cell[cell]
+        if codes.keep is not None:
+            keep = codes.keep[lo:hi]
+            outside += int(np.count_nonzero(keep & ~ok))
+            ok &= keep
+            has_group |= np.bincount(cell[keep], minlength=len(has_group)) > 0
+        else:
+            outside += int(np.count_nonzero(~ok))
+            has_group |= np.bincount(cell, minlength=len(has_group)) > 0
+        value = codes.value[lo:hi]
+        ok &= ~np.isnan(value)
+        step += block_off[cell]
+        step *= M
+        step += mm[codes.metric[lo:hi]]
+        if not ok.all():
+            step, value = step[ok], value[ok]
+        if not len(step):
+            continue
+        first = int(step.min())
+        step -= first
+        span = int(step.max()) + 1
+        sums[first:first + span] += np.bincount(step, weights=value, minlength=span)
+        counts[first:first + span] += np.bincount(step, minlength=span).astype(np.int32)
     if outside:
         log.warning("%d sample(s) fall outside their deployment's start..end window; dropped",
                     outside)
-    ok &= ~np.isnan(codes.value)
-    # one flat cell index per sample; rejected samples (NaN values among them) go to an
-    # overflow bin that is dropped, so the values are summed as they are, without a copy
-    flat += block_off[cell]
-    flat *= M
-    flat += mm[codes.metric]
-    np.logical_not(ok, out=ok)
-    flat[ok] = R * M
-    del ok
-    has_group = np.bincount(cell if codes.keep is None else cell[codes.keep],
-                            minlength=len(deps) * 2) > 0
-    del cell
-    sums = np.bincount(flat, weights=codes.value, minlength=R * M + 1)[:-1]
-    counts = np.bincount(flat, minlength=R * M + 1)[:-1]
-    del flat
     with np.errstate(invalid="ignore", divide="ignore"):
         np.divide(sums, counts, out=sums)
     del counts
@@ -258,17 +280,27 @@ def write_canonical(
 
 
 class CanonicalDataset:
-    """Read side of the canonical dataset. Reads one deployment without scanning the rest."""
+    """Read side of the canonical dataset. Reads one deployment without scanning the rest.
+
+    `path` is a local folder or an object-storage URI (`s3://bucket/prefix`, see
+    `canaryml.data.storage`); `self.path` is a `Path` for a local folder and the URI text
+    otherwise, `self.location` the filesystem and path every read goes through.
+    """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        mpath = self.path / "manifest.json"
-        if not mpath.is_file():
+        self.location = locate(path)
+        self.path: Path | str = (Path(path) if self.location.is_local else self.location.text)
+        try:
+            raw = self.location.read_bytes(MANIFEST) if self.location.is_file(MANIFEST) else None
+        except OSError as exc:
+            raise DataContractError(f"{self.path}: cannot read {MANIFEST} ({exc}); check the "
+                                    "location and its credentials") from exc
+        if raw is None:
             raise DataContractError(
                 f"{self.path} is not a canonical dataset (no manifest.json); create it with "
-                "`canaryml ingest source=bundle input=DIR out={self.path}`"
+                f"`canaryml ingest source=bundle input=DIR out={self.path}`"
             )
-        self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+        self.manifest: dict[str, Any] = json.loads(raw)
         if self.manifest.get("schema_version") != SCHEMA_VERSION:
             raise DataContractError(
                 f"{self.path}: schema_version {self.manifest.get('schema_version')} is not "
@@ -293,18 +325,20 @@ class CanonicalDataset:
 
     @cached_property
     def deployments(self) -> pd.DataFrame:
-        df = pd.read_parquet(self.path / "deployments.parquet")
-        return validate_deployments(df, self.path / "deployments.parquet")
+        loc = self.location
+        df = pd.read_parquet(loc.join("deployments.parquet"), filesystem=loc.fs)
+        return validate_deployments(df, f"{self.path}/deployments.parquet")
 
     def telemetry(self, deployment_id: str) -> pd.DataFrame:
         """Wide telemetry of one deployment: timestamp, group, one float32 column per metric."""
-        pdir = partition_dir(self.path, deployment_id)
-        if not pdir.is_dir():
+        loc = self.location
+        pdir = loc.join(*partition_parts(deployment_id))
+        if loc.fs.get_file_info(pdir).type != FileType.Directory:
             raise DataContractError(
                 f"{self.path}: no telemetry for deployment {deployment_id!r}; known: "
                 f"{', '.join(self.deployments['deployment_id'].astype(str)[:5])}…"
             )
-        return pq.read_table(pdir).to_pandas()
+        return pq.read_table(pdir, filesystem=loc.fs).to_pandas()
 
     def arrays(self, deployment_id: str) -> DeploymentArrays:
         df = self.telemetry(deployment_id)

@@ -13,6 +13,7 @@ from canaryml.ingest import Ingested
 log = logging.getLogger(__name__)
 
 _MAX_SERIES_FOR_STEP = 64
+_CHUNK = 1 << 20
 
 
 def infer_step_s(bundle: Bundle) -> int:
@@ -24,20 +25,39 @@ def infer_step_s(bundle: Bundle) -> int:
     codes = bundle.codes
     if codes is None or len(codes.timestamp_us) < 2:
         return 60
-    series = codes.deployment.astype(np.int64)
-    series *= 2
-    series += codes.group
-    series *= max(1, len(codes.metrics))
-    series += codes.metric
-    # the lowest 64 series ids present: a counting pass and a lookup, not a sort of every row
-    present = np.bincount(series) > 0
+    n_met = max(1, len(codes.metrics))
+    n_rows = len(codes.timestamp_us)
+
+    def series_of(lo: int, hi: int) -> np.ndarray:
+        series = codes.deployment[lo:hi].astype(np.int64)
+        series *= 2
+        series += codes.group[lo:hi]
+        series *= n_met
+        series += codes.metric[lo:hi]
+        return series
+
+    # the lowest 64 series ids present: a counting pass and a lookup (in chunks of rows, so
+    # no full-size temporaries), not a sort of every row
+    present = np.zeros(0, dtype=bool)
+    for lo in range(0, n_rows, _CHUNK):
+        seen = np.bincount(series_of(lo, lo + _CHUNK)) > 0
+        if len(seen) > len(present):
+            seen[:len(present)] |= present
+            present = seen
+        else:
+            present[:len(seen)] |= seen
     chosen = np.flatnonzero(present)[:_MAX_SERIES_FOR_STEP]
     lookup = np.zeros(len(present), dtype=bool)
     lookup[chosen] = True
-    mask = lookup[series]
-    if codes.keep is not None:
-        mask &= codes.keep
-    sub_s, sub_t = series[mask], codes.timestamp_us[mask]
+    picked_s, picked_t = [], []
+    for lo in range(0, n_rows, _CHUNK):
+        series = series_of(lo, lo + _CHUNK)
+        mask = lookup[series]
+        if codes.keep is not None:
+            mask &= codes.keep[lo:lo + _CHUNK]
+        picked_s.append(series[mask])
+        picked_t.append(codes.timestamp_us[lo:lo + _CHUNK][mask])
+    sub_s, sub_t = np.concatenate(picked_s), np.concatenate(picked_t)
     order = np.lexsort((sub_t, sub_s))
     sub_s, sub_t = sub_s[order], sub_t[order]
     diffs = np.diff(sub_t)[(np.diff(sub_s) == 0)]
