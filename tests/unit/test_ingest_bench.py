@@ -35,7 +35,15 @@ def test_bench_writes_report(tmp_path: Path) -> None:
             samples / report[side]["seconds"], rel=0.05)
         assert report[side]["peak_rss_mb"] > 0
     assert report["canaryml"]["duplicates_dropped"] > 0
-    assert report["meets_target"] == (report["canaryml"]["samples_per_s"] >= 2_000_000)
+    checks = report["checks"]
+    assert checks["samples_per_s"] == (report["canaryml"]["samples_per_s"] >= 2_000_000)
+    assert checks["speedup_vs_pandas"] == (report["speedup_vs_pandas"] >= 1.0)
+    assert report["peak_rss_vs_pandas"] == pytest.approx(
+        report["canaryml"]["max_peak_rss_mb"] / report["pandas"]["peak_rss_mb"], abs=0.01)
+    assert checks["peak_rss"] == (report["peak_rss_vs_pandas"] <= 1.0)
+    assert checks["samples_10m"] is False  # a 20 k-sample bundle never meets the target
+    assert report["meets_target"] is False
+    assert len(report["machine"]["load_after"]) == 3
     assert report["machine"]["cpus"] >= 1
     # the cached bundle is reused by the next run
     assert (tmp_path / ".cache").is_dir()
