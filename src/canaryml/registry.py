@@ -127,6 +127,7 @@ class PromoteSettings:
     def from_mapping(cls, data: Mapping[str, Any]) -> PromoteSettings:
         d = dict(data)
         d.pop("register_alias", None)
+        d.pop("shadow", None)  # registry.shadow: read by `canaryml promote` (tasks/promote.py)
         gates = Gates.from_mapping(dict(d.pop("gates", None) or {}))
         reject_unknown_keys(d, {f.name for f in fields(cls)} | {"register_alias"}, "registry config")
         from canaryml.replay.protocol import SCORER_VARIANTS
