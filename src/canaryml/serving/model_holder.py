@@ -82,8 +82,10 @@ class ModelHolder:
                  resolver: Callable[[str, str], str] | None = None,
                  metrics: ServeMetrics | None = None, health: Health | None = None,
                  on_swap: Callable[[LoadedModel], None] | None = None,
-                 check: Callable[[Scorer], str | None] | None = None) -> None:
+                 check: Callable[[Scorer], str | None] | None = None,
+                 role: str = "model") -> None:
         self.uri = str(uri)
+        self.role = role  # "model" (the champion) or "shadow": log prefix, health component
         self.check = check
         self.refused: str | None = None  # why the last loaded version was refused by `check`
         self._refused_version: str | None = None
@@ -129,7 +131,8 @@ class ModelHolder:
     @property
     def lookback(self) -> int:
         cur = self.current
-        return 1 if cur is None else int(cur.scorer.lookback)
+        # steps a decision reads (the breach predictor's longer window when the model has one)
+        return 1 if cur is None else int(getattr(cur.scorer, "window_steps", cur.scorer.lookback))
 
     def score(self, window: Window) -> ScoreResult:
         cur = self.current
@@ -152,10 +155,10 @@ class ModelHolder:
             self._last_error = reason
             have = self._current
         self.failures += 1
-        self.metrics.error("model")
+        self.metrics.error(self.role)
         kept = f"; keeping {have.version}" if have else "; no model: deployments pause"
-        self.health.degraded("model", reason + kept)
-        log.error("model: %s%s", reason, kept)
+        self.health.degraded(self.role, reason + kept)
+        log.error("%s: %s%s", self.role, reason, kept)
 
     def refresh(self) -> bool:
         """Resolve the alias and, when it moved, load the new version and stage it.
@@ -174,7 +177,7 @@ class ModelHolder:
                     and self._current.version == version:
                 with self._lock:
                     self._last_error = None
-                self.health.ok("model")
+                self.health.ok(self.role)
             return False
         t0 = time.perf_counter()
         try:
@@ -193,8 +196,8 @@ class ModelHolder:
         with self._lock:
             self._staged = loaded
             self._last_error = None
-        log.info("model: loaded %s from %s in %.1f s; swapping in at the next tick", version,
-                 pinned, time.perf_counter() - t0)
+        log.info("%s: loaded %s from %s in %.1f s; swapping in at the next tick", self.role,
+                 version, pinned, time.perf_counter() - t0)
         return True
 
     def swap_if_ready(self) -> LoadedModel | None:
@@ -206,8 +209,8 @@ class ModelHolder:
             previous, self._current = self._current, staged
         self.swaps += 1
         self.metrics.set_model(staged.version)
-        self.health.ok("model")
-        log.info("model: now using %s (was %s)", staged.version,
+        self.health.ok(self.role)
+        log.info("%s: now using %s (was %s)", self.role, staged.version,
                  previous.version if previous else "none")
         if self.on_swap is not None:
             self.on_swap(staged)

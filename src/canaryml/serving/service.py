@@ -43,6 +43,7 @@ from canaryml.serving.factory import LiveActuator, LiveSource
 from canaryml.serving.loop import ServeLoop
 from canaryml.serving.model_holder import HeldScorer, LoadedModel, ModelHolder
 from canaryml.serving.server import Health, ObservabilityServer, ServeMetrics
+from canaryml.serving.shadow import Shadow, WindowTap
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,9 @@ class Service:
                  min_lookback: int = 1, source: LiveSource | None = None,
                  actuator: LiveActuator | None = None, discovery: KubeDiscovery | None = None,
                  server: ObservabilityServer | None = None,
-                 board: VerdictBoard | None = None) -> None:
+                 board: VerdictBoard | None = None, shadow: Shadow | None = None) -> None:
         self.holder = holder
+        self.shadow = shadow  # scores @challenger on the same windows; never acts
         self.loop = loop
         self.controller = loop.controller
         self.static_ids = [str(d["id"]) for d in deployments]
@@ -178,7 +180,8 @@ class Service:
             self._on_swap(holder.current)
 
     def _on_swap(self, model: LoadedModel) -> None:
-        self.controller.lookback = max(self.min_lookback, int(model.scorer.lookback))
+        self.controller.lookback = max(self.min_lookback, int(getattr(
+            model.scorer, "window_steps", model.scorer.lookback)))
 
     # ---- deployments -----------------------------------------------------------------------
     def _wire(self, entry: Mapping[str, Any]) -> bool:
@@ -235,7 +238,17 @@ class Service:
         self.holder.swap_if_ready()
         if self.source is not None:
             self._report_backend(self.source.refresh())
+        tap = self.source if isinstance(self.source, WindowTap) else None
+        if tap is not None:
+            tap.last.clear()
         entries = self.loop.tick(self.deployment_ids())
+        if self.shadow is not None and tap is not None:
+            try:
+                self.shadow.observe(list(entries), dict(tap.last),
+                                    self.controller.first_sample_s, self.controller.is_final)
+            except Exception:  # the shadow must never stop the champion
+                self.loop.metrics.error("shadow")
+                log.exception("shadow challenger failed this tick")
         if self.board is not None:
             for e in entries:
                 self.board.update(e.deployment_id, e.decision, e.model_version, e.decided_at)
@@ -284,6 +297,8 @@ class Service:
 
     def close(self) -> None:
         self.holder.stop()
+        if self.shadow is not None:
+            self.shadow.close()
         if self.server is not None:
             self.server.stop()
         if self.source is not None:
@@ -381,6 +396,19 @@ def build(serve: Mapping[str, Any], policy: PolicyConfig, *, catalog_names: Iter
         holder.metrics, holder.health = metrics, health
     if holder.check is None and provided is not None:
         holder.check = metric_check(serve, list(provided))
+    shadow = None
+    sh = dict(serve.get("shadow") or {})
+    if sh.get("model"):
+        src = WindowTap(src)
+        shadow_holder = ModelHolder(
+            str(sh["model"]), poll_s=float(serve.get("model_poll_s") or 30), role="shadow",
+            check=None if provided is None else metric_check(serve, list(provided)))
+        from canaryml.serving.shadow import registry_tagger
+
+        shadow = Shadow(shadow_holder, policy, registry=metrics.registry,
+                        log_path=sh.get("log"),
+                        report_every_s=float(sh.get("report_every_s") or 60.0),
+                        tags=registry_tagger())
     # a corrupt log is moved aside (and said so), never a crash loop at every start
     decision_log = DecisionLog(serve["decision_log"], on_corrupt="move_aside")
     if decision_log.moved_aside is not None:
@@ -390,6 +418,8 @@ def build(serve: Mapping[str, Any], policy: PolicyConfig, *, catalog_names: Iter
         holder.start()
         if holder.current is None and holder.refused is not None:
             raise ConfigError(f"{holder.refused}")
+        if shadow is not None:  # a shadow that cannot load never stops the champion
+            shadow.holder.start()
         min_lookback = int(serve.get("lookback") or 1)
         acfg = serve.get("actuator") or {}
         loop = ServeLoop(ScorerPolicy("model", HeldScorer(holder), RollbackPolicy(policy),
@@ -409,13 +439,15 @@ def build(serve: Mapping[str, Any], policy: PolicyConfig, *, catalog_names: Iter
             server.start()
     except BaseException:
         holder.stop()
+        if shadow is not None:
+            shadow.holder.stop()
         decision_log.close()
         if server is not None:
             server.stop()
         raise
     return Service(holder, loop, deployments=deployments, interval_s=interval_s,
                    min_lookback=min_lookback, source=src, actuator=act, discovery=discovery,
-                   server=server, board=board)
+                   server=server, board=board, shadow=shadow)
 
 
 def _install_endpoints(server: ObservabilityServer, deployments: list[dict[str, Any]], *,

@@ -37,6 +37,61 @@ def translate_args(args: Sequence[str]) -> list[str]:
     return out
 
 
+SHADOW_KEYS = {"required", "min_s", "min_decisions", "max_false_rollbacks", "min_agreement"}
+
+
+def require_shadow(name: str, alias: str, shadow: dict[str, Any]) -> str | None:
+    """With `registry.shadow.required`: the challenger must have run in shadow beside the
+    champion (`canaryml serve serve.shadow.model=models:/<name>@<alias>`, which tags the version
+    `canaryml.shadow.*`) long enough and well enough. Raises PromotionGateError naming each
+    shortfall; returns a one-line summary of the shadow evidence, or None when not required."""
+    from mlflow.tracking import MlflowClient
+
+    from canaryml.errors import PromotionGateError
+    from canaryml.serving.shadow import ShadowTally
+
+    unknown = set(shadow) - SHADOW_KEYS
+    if unknown:
+        raise ConfigError(f"registry.shadow has unknown keys {sorted(unknown)}; allowed: "
+                          f"{sorted(SHADOW_KEYS)}")
+    if not shadow.get("required"):
+        return None
+    client = MlflowClient()
+    try:
+        mv = client.get_model_version_by_alias(name, alias)
+    except Exception as exc:
+        raise PromotionGateError(f"no @{alias} version of {name} to promote ({exc})") from exc
+    tally = ShadowTally.from_tags(dict(mv.tags or {}))
+    if not tally.decisions or tally.since is None or tally.last is None:
+        raise PromotionGateError(
+            f"{name}/{mv.version} (@{alias}) has not run in shadow, and registry.shadow.required "
+            f"is true: run `canaryml serve serve.shadow.model=models:/{name}@{alias}` beside "
+            "the champion first (or registry.shadow.required=false)")
+    period = tally.last - tally.since
+    short = []
+    if shadow.get("min_s") is not None and period < float(shadow["min_s"]):
+        short.append(f"shadow period {period:.0f} s < registry.shadow.min_s={shadow['min_s']}")
+    if shadow.get("min_decisions") is not None and tally.decisions < int(shadow["min_decisions"]):
+        short.append(f"{tally.decisions} shadow decision(s) < registry.shadow.min_decisions="
+                     f"{shadow['min_decisions']}")
+    false_rb = tally.outcomes.get("false_rollback", 0)
+    if shadow.get("max_false_rollbacks") is not None and \
+            false_rb > int(shadow["max_false_rollbacks"]):
+        short.append(f"{false_rb} would-be false rollback(s) > "
+                     f"registry.shadow.max_false_rollbacks={shadow['max_false_rollbacks']}")
+    agreement = tally.agreement or 0.0
+    if shadow.get("min_agreement") is not None and agreement < float(shadow["min_agreement"]):
+        short.append(f"agreement with the champion {agreement:.3f} < "
+                     f"registry.shadow.min_agreement={shadow['min_agreement']}")
+    summary = (f"shadow: {tally.decisions} decision(s) over {period:.0f} s, agreement "
+               f"{agreement:.3f}, would-be catches {tally.outcomes.get('catch', 0)}, false "
+               f"rollbacks {false_rb}, misses {tally.outcomes.get('miss', 0)}")
+    if short:
+        raise PromotionGateError(f"{name}/{mv.version} (@{alias}) not promoted: "
+                                 + "; ".join(short) + f" ({summary})")
+    return summary
+
+
 def run(cfg: DictConfig) -> int:
     from canaryml import registry, tracking
     from canaryml.control.policy import PolicyConfig
@@ -48,7 +103,9 @@ def run(cfg: DictConfig) -> int:
     tracking.configure(cfg.mlflow.tracking_uri)
     name = str(cfg.mlflow.registered_model)
     experiment = str(cfg.mlflow.experiment)
-    settings = registry.PromoteSettings.from_mapping(as_dict(cfg.registry))
+    reg = as_dict(cfg.registry)
+    shadow = dict(reg.pop("shadow", None) or {})
+    settings = registry.PromoteSettings.from_mapping(reg)
     conf = as_dict(cfg)
     if cfg.get("to_version") is not None:
         version = str(cfg.to_version).strip()
@@ -58,6 +115,9 @@ def run(cfg: DictConfig) -> int:
         res = registry.rollback_to(name, version, champion_alias=settings.champion_alias,
                                    experiment=experiment, config=conf)
     else:
+        shadow_summary = require_shadow(name, settings.challenger_alias, shadow)
+        if shadow_summary is not None:
+            print(shadow_summary)
         ds = _dataset(str(cfg.dataset))
         pcfg = PolicyConfig.from_mapping(as_dict(cfg.policy))
         res = registry.promote(name, ds, pcfg, as_dict(cfg.replay), settings,
