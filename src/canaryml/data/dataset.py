@@ -106,9 +106,9 @@ def write_canonical(
     codes = bundle.codes
     if codes is None or codes.n_kept != n_samples:
         codes = sample_codes(bundle.samples, deps, bundle.source)
-    # only metrics that have samples (a Parquet dictionary may carry unused entries)
-    present = np.bincount(codes.metric if codes.keep is None else codes.metric[codes.keep],
-                          minlength=len(codes.metrics)) > 0
+    # only metrics that have samples (a Parquet dictionary may carry unused entries); dropped
+    # duplicates need no filtering here: each has a kept twin with the same metric and cell
+    present = np.bincount(codes.metric, minlength=len(codes.metrics)) > 0
     cat = catalog.with_metrics([m for m, p in zip(codes.metrics, present, strict=True) if p])
     metrics = cat.names
     m_index = {name: i for i, name in enumerate(metrics)}
@@ -153,14 +153,13 @@ def write_canonical(
         step -= start_cell[cell]  # step index inside the deployment's window
         ok = step >= 0
         ok &= step < n_steps_cell[cell]
+        has_group |= np.bincount(cell, minlength=len(has_group)) > 0
+        outside += len(ok) - int(np.count_nonzero(ok))
         if codes.keep is not None:
             keep = codes.keep[lo:hi]
-            outside += int(np.count_nonzero(keep & ~ok))
+            # a dropped duplicate outside the window is not counted twice
+            outside -= int(np.count_nonzero(~(keep | ok)))
             ok &= keep
-            has_group |= np.bincount(cell[keep], minlength=len(has_group)) > 0
-        else:
-            outside += int(np.count_nonzero(~ok))
-            has_group |= np.bincount(cell, minlength=len(has_group)) > 0
         value = codes.value[lo:hi]
         ok &= ~np.isnan(value)
         step += block_off[cell]
