@@ -173,6 +173,26 @@ def log_scorer(scorer: CanaryScorer, registered_model: str = REGISTERED_MODEL,
     return client.get_model_version(registered_model, version)
 
 
+def lightning_logger() -> Any | None:
+    """A Lightning `MLFlowLogger` that writes the fit's curves (`train/loss`, `val/loss`, `epoch`,
+    stepped by optimizer step) live into the active MLflow run; None when no run is active (the
+    fit then logs to a local CSV file only). The run stays the caller's: the logger neither
+    logs the module's hyper-parameters (the caller logs the whole config) nor ends the run."""
+    run = mlflow.active_run()
+    if run is None:
+        return None
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    class _ActiveRunLogger(MLFlowLogger):
+        def log_hyperparams(self, params: Any) -> None:  # the run has the full config
+            return None
+
+        def finalize(self, status: str = "success") -> None:  # its owner ends the run
+            return None
+
+    return _ActiveRunLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run.info.run_id)
+
+
 def set_alias(name: str, alias: str, version: str | int) -> None:
     MlflowClient().set_registered_model_alias(name, alias, str(version))
 

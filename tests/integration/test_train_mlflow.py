@@ -44,6 +44,10 @@ def test_train_registers_challenger_and_round_trips(mlflow_uri: str, corpus: Pat
     assert run.data.tags["git_commit"]
     assert run.data.params["forecaster.kind"] == "lstm"
     assert "test/roc_auc" in run.data.metrics and "val/loss" in run.data.metrics
+    # curves from Lightning's MLFlowLogger: one val/loss point per epoch, not repeated after
+    epochs = int(run.data.metrics["train/epochs"])
+    assert len(client.get_metric_history(run_id, "val/loss")) == epochs
+    assert len(client.get_metric_history(run_id, "train/loss")) == epochs
     arts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "plots", "split.json"} <= arts
     assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/loss_curves.png"]
@@ -97,6 +101,40 @@ def test_scorer_round_trip_through_log_scorer_is_identical(mlflow_uri: str, corp
         arr = ds.arrays(dep)
         assert np.array_equal(before.score_series(arr), after.score_series(arr), equal_nan=True)
     assert mv.aliases == ["challenger"] or "challenger" in mv.aliases
+
+
+def test_fit_logs_curves_live_into_the_active_run(mlflow_uri: str, corpus: Path) -> None:
+    import pytorch_lightning as pl
+
+    from canaryml.models.networks import NetworkSpec
+    from canaryml.models.train import TrainerSpec, TrainSpec, train_scorer
+
+    class SeenDuringFit(pl.Callback):
+        """Reads the run back from the store while the fit is still going."""
+
+        def __init__(self, run_id: str) -> None:
+            self.run_id = run_id
+            self.seen: list[tuple[int, int, str]] = []
+
+        def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            client = MlflowClient(mlflow_uri)
+            points = len(client.get_metric_history(self.run_id, "val/loss"))
+            self.seen.append((trainer.current_epoch, points,
+                              client.get_run(self.run_id).info.status))
+
+    ds = CanonicalDataset(corpus)
+    spec = TrainSpec(network=NetworkSpec(lookback=16, horizon=3, hidden=16),
+                     trainer=TrainerSpec(max_epochs=3, patience=5, progress_bar=False,
+                                         num_threads=1, stride=3))
+    with tracking.start_run({"test": True}, experiment="live") as run:
+        probe = SeenDuringFit(run.info.run_id)
+        result = train_scorer(ds, spec, callbacks=[probe], logger=tracking.lightning_logger())
+        # the logger leaves the run to its owner: still running after the fit
+        assert MlflowClient(mlflow_uri).get_run(run.info.run_id).info.status == "RUNNING"
+    assert probe.seen == [(0, 1, "RUNNING"), (1, 2, "RUNNING"), (2, 3, "RUNNING")]
+    assert len(result.history) == 3
+    # without an active run there is no MLflow logger, and training works without a store
+    assert tracking.lightning_logger() is None
 
 
 def test_load_errors_are_clear(mlflow_uri: str, tmp_path: Path) -> None:

@@ -146,12 +146,14 @@ def _fit_detector(spec: DetectorSpec, feats: np.ndarray, seed: int) -> ResidualD
 def train_scorer(dataset: CanonicalDataset, spec: TrainSpec, *, work_dir: Path | None = None,
                  init_from: CanaryScorer | None = None,
                  deployments: Sequence[str] | None = None,
-                 callbacks: Sequence[Any] = ()) -> TrainResult:
+                 callbacks: Sequence[Any] = (), logger: Any | None = None) -> TrainResult:
     """Train (or, with `init_from`, fine-tune) a CanaryScorer on `dataset`.
 
     `deployments` restricts training (train/val/test split included) to these deployment ids,
     e.g. to keep a tuning hold-out unseen; `callbacks` are extra Lightning callbacks for the
-    forecaster fit (e.g. Optuna pruning on `val/loss`).
+    forecaster fit (e.g. Optuna pruning on `val/loss`); `logger` is a Lightning logger that gets
+    the `train/loss` / `val/loss` curves live during the fit (`tracking.lightning_logger()` for
+    the active MLflow run; None = a CSV file in a temp dir, nothing tracked).
 
     `init_from` keeps the champion's network architecture, metrics and scaler and continues
     training its weights on the selected deployments (continuous learning); detectors and
@@ -224,7 +226,7 @@ def train_scorer(dataset: CanonicalDataset, spec: TrainSpec, *, work_dir: Path |
             module, train_ds, val_ds, max_epochs=tr.max_epochs, batch_size=tr.batch_size,
             patience=tr.patience, work_dir=Path(work_dir or tmp), accelerator=tr.accelerator,
             devices=tr.devices, progress_bar=tr.progress_bar, seed=spec.seed,
-            callbacks=list(callbacks))
+            callbacks=list(callbacks), logger=logger)
     fit_s = time.perf_counter() - t0
 
     # detectors + calibration on healthy ticks of the validation deployments (never train)

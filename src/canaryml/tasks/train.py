@@ -1,8 +1,8 @@
 """`canaryml train dataset=DIR forecaster=lstm|transformer detector=iforest|ocsvm trainer.…=…`
 
 Trains a CanaryScorer, logs the run to MLflow (config, dataset hash, git commit, stage/name
-metrics, loss curves), logs the scorer as a pyfunc, registers a `canary-scorer` version and
-points `@challenger` at it.
+metrics, loss curves live during the fit through Lightning's MLFlowLogger), logs the scorer
+as a pyfunc, registers a `canary-scorer` version and points `@challenger` at it.
 
 Continuous learning (the periodic retrain job, see serving/cronjob-retrain.yaml):
 `canaryml train trainer.init_from=models:/canary-scorer@champion dataset=DIR
@@ -109,6 +109,13 @@ def _operating_point(cfg: DictConfig, dataset: CanonicalDataset, result: Any
     return op
 
 
+def summary_metrics(result: Any) -> dict[str, float]:
+    """The fit's one-off metrics (`val/best_loss`, `test/roc_auc`, `train/fit_s`, …): the
+    per-epoch curves are not repeated, the live logger has them at their steps."""
+    curves = {k for h in result.history for k in h}
+    return {k: float(v) for k, v in result.metrics.items() if k not in curves}
+
+
 def process_rank() -> int:
     """Global rank of this process in a multi-device (DDP) fit: Lightning starts ranks ≥ 1 as
     copies of this command with `LOCAL_RANK`/`NODE_RANK` set; torchrun and SLURM set `RANK`."""
@@ -157,11 +164,11 @@ def run(cfg: DictConfig) -> int:
                             run_name=f"train-{spec.network.kind}-{spec.detector.kind}",
                             dataset_hash=dataset.content_hash,
                             tags={"command": "train", "init_from": str(init_from or "")}) as run:
-        result = train_scorer(dataset, spec, init_from=champion)
+        # the loss curves reach the run live, epoch by epoch, through Lightning's MLFlowLogger
+        result = train_scorer(dataset, spec, init_from=champion,
+                              logger=tracking.lightning_logger())
         result.scorer.operating_point = _operating_point(cfg, dataset, result)
-        for h in result.history:
-            mlflow.log_metrics({k: v for k, v in h.items() if k != "epoch"}, step=int(h["epoch"]))
-        mlflow.log_metrics(result.metrics)
+        mlflow.log_metrics(summary_metrics(result))
         if result.history:
             import matplotlib.pyplot as plt
 

@@ -152,7 +152,9 @@ class TrialRunner:
         import mlflow
         import yaml
 
+        from canaryml import tracking
         from canaryml.models.train import train_scorer
+        from canaryml.tasks.train import summary_metrics
         from canaryml.tune.objective import PruningCallback, replay_score
 
         s = self.setup
@@ -162,15 +164,12 @@ class TrialRunner:
         mlflow.log_text(yaml.safe_dump(_as_dict(cfg), sort_keys=False), "config.yaml")
         mlflow.log_text("\n".join([*s.base, *overrides]) + "\n", "overrides.txt")
         callbacks = [PruningCallback(trial, maximize=s.maximize)] if s.prune else []
+        # the trial's curves reach its nested run live (Lightning's MLFlowLogger), so a trial
+        # still running, or pruned, shows how far it got
         result = train_scorer(self.dataset, spec, deployments=self.holdout.train,
-                              callbacks=callbacks)
-        for h in result.history:
-            logged = {k: v for k, v in h.items() if k != "epoch" and not (
-                s.prune and k == "val/loss")}  # the pruning callback logged val/loss already
-            if logged:
-                mlflow.log_metrics(logged, step=int(h["epoch"]))
-        finite = {k: v for k, v in result.metrics.items() if math.isfinite(v)}
-        mlflow.log_metrics(finite)
+                              callbacks=callbacks, logger=tracking.lightning_logger())
+        mlflow.log_metrics({k: v for k, v in summary_metrics(result).items()
+                            if math.isfinite(v)})
         best_loss = float(result.metrics.get("val/best_loss", float("nan")))
         attrs: dict[str, Any] = {"val/best_loss": best_loss}
         value: float | tuple[float, float]

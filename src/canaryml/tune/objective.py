@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import mlflow
 import numpy as np
 import optuna
 import pytorch_lightning as pl
@@ -141,9 +140,9 @@ def replay_score(scorer: CanaryScorer, dataset: CanonicalDataset, deployment_ids
 
 class PruningCallback(pl.Callback):
     """Reports the forecaster's `val/loss` after every validation epoch to the Optuna trial
-    (negated when the study maximises, so "better" keeps one orientation for the pruner),
-    logs it to the active MLflow run, and stops a trial the pruner rejects by raising
-    `optuna.TrialPruned` out of `Trainer.fit`."""
+    (negated when the study maximises, so "better" keeps one orientation for the pruner) and
+    stops a trial the pruner rejects by raising `optuna.TrialPruned` out of `Trainer.fit`
+    (the curve itself reaches MLflow through the fit's logger, before this hook runs)."""
 
     def __init__(self, trial: optuna.Trial, *, maximize: bool, monitor: str = "val/loss"):
         super().__init__()
@@ -159,8 +158,6 @@ class PruningCallback(pl.Callback):
             return
         loss = float(value)
         epoch = int(trainer.current_epoch)
-        if mlflow.active_run() is not None:
-            mlflow.log_metric(self.monitor, loss, step=epoch)
         self.trial.report(self.sign * loss, step=epoch)
         if self.trial.should_prune():
             log.info("trial %d pruned after epoch %d (%s=%.4f)", self.trial.number, epoch,
