@@ -12,11 +12,17 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from canaryml import cli, tracking
+from canaryml.control.policy import PolicyConfig
+from canaryml.data.dataset import CanonicalDataset
+from canaryml.models.scorer import CanaryScorer
 from canaryml.models.synthetic import make_corpus
+from canaryml.tune import gate
+from canaryml.tune.objective import holdout_split, replay_score
 
 TINY = ["forecaster.lookback=16", "forecaster.horizon=3", "forecaster.hidden=16",
         "trainer.max_epochs=2", "trainer.stride=3", "trainer.num_threads=1",
@@ -45,12 +51,14 @@ def _trial_runs(client: MlflowClient, parent: str) -> list:
 def test_four_trial_study_end_to_end(mlflow_uri: str, corpus: Path, tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "study"
+    # force: this test checks how a best trial is registered; whether it may be (it must beat
+    # the untuned default and the incumbents) is test_challenger_only_when_it_beats_...
     rc = cli.main(["tune", f"dataset={corpus}", "n_trials=4", *TINY, *SPACE,
                    f"tune.out_dir={out}", "study=e2e", "tune.pruner_warmup_steps=0",
-                   "tune.pruner_startup_trials=1"])
+                   "tune.pruner_startup_trials=1", "tune.register=force"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "study e2e:" in printed and "@challenger" in printed
+    assert "study e2e:" in printed and "registered canary-scorer v1 @challenger" in printed
 
     study = _study(out, "e2e")
     trials = study.get_trials()
@@ -99,6 +107,69 @@ def test_four_trial_study_end_to_end(mlflow_uri: str, corpus: Path, tmp_path: Pa
     scorer = tracking.load_scorer("models:/canary-scorer@challenger")
     assert scorer.spec.hidden == best.params["forecaster.hidden"]
     assert [p.name for p in (out / "scorers").iterdir()] == [f"trial-{best.number:04d}"]
+    assert json.loads(mv.tags[gate.VALUE_TAG]) == [best.value]  # what a later study must beat
+
+
+def _run_study(corpus: Path, out: Path, name: str, *extra: str) -> dict:
+    assert cli.main(["tune", f"dataset={corpus}", *TINY, *SPACE, "tune.pruner=none",
+                     f"tune.out_dir={out / name}", f"study={name}", *extra]) == 0
+    return json.loads((out / name / "best.json").read_text())
+
+
+def test_challenger_only_when_it_beats_the_default_and_the_incumbents(
+        mlflow_uri: str, corpus: Path, tmp_path: Path, tiny_scorer_dir: Path) -> None:
+    client = MlflowClient(mlflow_uri, registry_uri=mlflow_uri)  # not an earlier test's registry
+
+    def versions() -> list[str]:
+        return sorted(v.version for v in client.search_model_versions("name='canary-scorer'"))
+
+    # 1. the best trial of a study of one trial is the untuned default itself: a tie, no version
+    a = _run_study(corpus, tmp_path, "a", "n_trials=1")
+    assert a["best_trial"] == 0 and a["registered"] is None
+    assert "only ties the untuned default (trial 0)" in a["register_decision"]
+    assert versions() == []
+
+    # 2. a champion registered outside tune carries no tuning numbers: it is replayed on the
+    # study's hold-out, and the best trial must beat that
+    champion = CanaryScorer.load(tiny_scorer_dir)
+    with tracking.start_run({"test": True}, experiment="outside"):
+        tracking.log_scorer(champion, alias="champion")
+    b = _run_study(corpus, tmp_path, "b", "n_trials=1", "tune.baseline_trial=false")
+    cfg = cli.compose("tune", [f"dataset={corpus}"])
+    ds = CanonicalDataset(corpus)
+    hold = holdout_split(ds, float(cfg.tune.holdout_fraction), int(cfg.tune.holdout_seed))
+    policy = PolicyConfig.from_mapping(OmegaConf.to_container(cfg.policy, resolve=True))
+    expected = replay_score(champion, ds, hold.holdout, policy, max_frr=float(cfg.tune.max_frr),
+                            thresholds=int(cfg.replay.sweep.thresholds),
+                            horizon_s=cfg.replay.get("horizon_s")).caught_at_frr
+    tags = client.get_model_version("canary-scorer", "1").tags
+    assert json.loads(tags[gate.VALUE_TAG]) == [pytest.approx(expected)]
+    key = tags[gate.KEY_TAG]
+    assert key == gate.objective_key("replay", float(cfg.tune.max_frr), ds.content_hash,
+                                     hold.holdout)
+    assert (b["registered"] is not None) == (b["best_value"] > expected + gate.TIE_TOL)
+
+    # 3. incumbents as good as the objective allows cannot be beaten, only tied
+    for v in versions():
+        client.set_model_version_tag("canary-scorer", v, gate.VALUE_TAG, "[1.0]")
+    before = versions()
+    c = _run_study(corpus, tmp_path, "c", "n_trials=1", "tune.baseline_trial=false")
+    assert c["registered"] is None and "@c" in c["register_decision"]
+    assert versions() == before
+
+    # 4. worse incumbents (same objective, data and hold-out): the best trial becomes @challenger
+    for v in versions():
+        client.set_model_version_tag("canary-scorer", v, gate.VALUE_TAG, "[-1.0]")
+    d = _run_study(corpus, tmp_path, "d", "n_trials=1", "tune.baseline_trial=false")
+    assert d["registered"] is not None and "beats" in d["register_decision"]
+    mv = tracking.get_alias_version("canary-scorer", "challenger")
+    assert mv is not None and str(mv.version) == d["registered"]["version"]
+    assert mv.tags[gate.KEY_TAG] == key
+    assert json.loads(mv.tags[gate.VALUE_TAG]) == [d["best_value"]]
+    assert str(tracking.get_alias_version("canary-scorer", "champion").version) == "1"  # type: ignore[union-attr]
+    # rerunning the finished study registers nothing new
+    again = _run_study(corpus, tmp_path, "d", "n_trials=1", "tune.baseline_trial=false")
+    assert again["registered"] == d["registered"] and versions() == [*before, mv.version]
 
 
 def _worker(corpus: Path, out: Path, worker: int, uri: str, n_trials: int,

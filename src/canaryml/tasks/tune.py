@@ -95,8 +95,9 @@ _COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
 
 def over_budget(trial: optuna.Trial, n_trials: int) -> bool:
     """True when at least `n_trials` trials numbered before this one are finished, running or
-    queued. Trial numbers are assigned atomically by the storage, so of several workers racing
-    for the last slot exactly one stays within the budget (no lock needed)."""
+    queued. The safety net behind `BudgetedStudy.ask` for storages without an ask lock: trial
+    numbers are assigned atomically by the storage, so of several workers racing for the last
+    slot exactly one stays within the budget."""
     earlier = [t for t in trial.study.get_trials(deepcopy=False, states=_COUNTED)
                if t.number < trial.number]
     return len(earlier) >= n_trials
@@ -290,6 +291,7 @@ def _tune(cfg: DictConfig, overrides: list[str], grid: dict[str, list[str]] | No
         except CanarymlError as exc:
             raise ConfigError(f"trial overrides {point} do not build a valid config: {exc}") from exc
     n_trials = int(math.prod(len(v) for v in grid.values())) if grid else int(cfg.n_trials)
+    mode = _register_mode(t.register)
     dataset = _dataset(str(cfg.dataset))
     holdout = obj.holdout_split(dataset, float(t.holdout_fraction), int(t.holdout_seed))
     name = t.get("study") or cfg.get("study") or _default_name(cfg, objective, grid)
@@ -320,11 +322,14 @@ def _tune(cfg: DictConfig, overrides: list[str], grid: dict[str, list[str]] | No
         if running:
             log.warning("study %s has RUNNING trials %s: other workers, or left by a crash (then "
                         "rerun with tune.reclaim_running=true to retry them)", name, running)
-    if grid is None and bool(t.baseline_trial) and not study.get_trials(deepcopy=False):
+    if grid is None and bool(t.baseline_trial):
         base_params = defaults(params, train_cfg, groups)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.enqueue_trial(base_params, user_attrs={"baseline": True}, skip_if_exists=True)
+        with study.lock():  # workers starting together queue the baseline once
+            if not study.get_trials(deepcopy=False):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.enqueue_trial(base_params, user_attrs={"baseline": True},
+                                        skip_if_exists=True)
     setup = TrialSetup(base=tuple(base), params=tuple(params), objective=objective,
                        max_frr=max_frr, thresholds=int(cfg.replay.sweep.thresholds),
                        horizon_s=cfg.replay.get("horizon_s"),
@@ -342,7 +347,12 @@ def _tune(cfg: DictConfig, overrides: list[str], grid: dict[str, list[str]] | No
 
     # ---- results ----------------------------------------------------------------------------
     best = st.choose_best(study, max_frr)
-    registered = _register(study, best, cfg) if bool(t.register) and best is not None else None
+    registered, register_reason = None, None
+    if mode != "off" and best is not None:
+        with study.lock():  # workers finishing together: one registers, the others see it
+            registered, register_reason = _register(study, best, cfg, runner,
+                                                    _policy_config(train_cfg), dirs,
+                                                    force=mode == "force")
     _prune_scorers(study, best, setup.scorers_dir)
     baseline = next((x for x in study.get_trials(deepcopy=False)
                      if x.user_attrs.get("baseline")), None)
@@ -354,7 +364,8 @@ def _tune(cfg: DictConfig, overrides: list[str], grid: dict[str, list[str]] | No
                     "holdout": len(holdout.holdout), "holdout_seed": int(t.holdout_seed)},
         "n_trials": n_trials, "storage": str(storage or "journal.log"),
         "base_overrides": [o for o in base],
-        "grid": grid, "registered": registered, "mlflow_parent_run_id": parent,
+        "grid": grid, "registered": registered, "register_decision": register_reason,
+        "mlflow_parent_run_id": parent,
     }
     if baseline is not None:
         extra["baseline"] = {"trial": baseline.number, "state": baseline.state.name.lower(),
@@ -459,32 +470,130 @@ def _check_same_dataset(study: optuna.Study, dataset: Any, holdout: Any, storage
             "tune.holdout_seed the same for every worker, or use another tune.study name")
 
 
-def _register(study: optuna.Study, best: optuna.trial.FrozenTrial, cfg: DictConfig
-              ) -> dict[str, Any] | None:
-    """Register the best trial's scorer as `@challenger`, in the trial's MLflow run (once)."""
+def _register_mode(value: Any) -> str:
+    """`tune.register`: true (registers a best trial that beats the incumbents), force (skips
+    that comparison) or false."""
+    if isinstance(value, str) and value.lower() == "force":
+        return "force"
+    if isinstance(value, bool):
+        return "gate" if value else "off"
+    raise ConfigError(f"tune.register={value!r} is not true, false or force")
+
+
+def _register(study: optuna.Study, best: optuna.trial.FrozenTrial, cfg: DictConfig,
+              runner: TrialRunner, policy: Any, directions: Sequence[str], *, force: bool
+              ) -> tuple[dict[str, Any] | None, str]:
+    """Register the best trial's scorer as `@challenger`, in the trial's MLflow run (once), if
+    it strictly beats the untuned default trial and the current `@challenger` / `@champion` on
+    the study's objective (`canaryml.tune.gate`). Returns (what was registered, why)."""
+    import json
+
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     from canaryml import tracking
     from canaryml.models.scorer import CanaryScorer
+    from canaryml.tune import gate
 
     model = str(cfg.mlflow.registered_model)
     done = study.user_attrs.get("registered")
     if done and done.get("trial") == best.number:
         mv = tracking.get_alias_version(model, "challenger")
         if mv is not None and str(mv.version) == str(done.get("version")):
-            return cast(dict[str, Any], done)
+            return cast(dict[str, Any], done), f"trial {best.number} is already @challenger"
     scorer_dir = Path(str(best.user_attrs.get("scorer_dir", "")))
     if not (scorer_dir / "scorer.json").is_file():
-        log.warning("best trial %d has no saved scorer at %s; nothing registered", best.number,
-                    scorer_dir)
-        return None
+        reason = f"best trial {best.number} has no saved scorer at {scorer_dir}"
+        log.warning("%s; nothing registered", reason)
+        return None, reason
+    s = runner.setup
+    key = gate.objective_key(s.objective, s.max_frr, runner.dataset.content_hash,
+                             runner.holdout.holdout)
+    contender = gate.Contender(f"best trial {best.number}", tuple(best.values))
+    if force:
+        reason = f"{contender.name} registered without comparison (tune.register=force)"
+    else:
+        incumbents, blocked = _incumbents(study, model, key, runner, policy)
+        decision = (gate.Decision(False, blocked) if blocked
+                    else gate.decide(contender, incumbents, directions))
+        if not decision.register:
+            log.warning("not registered as @challenger: %s (tune.register=force registers it "
+                        "anyway)", decision.reason)
+            return None, decision.reason
+        reason = decision.reason
     with mlflow.start_run(run_id=str(best.user_attrs["mlflow_run_id"])):
         version = tracking.log_scorer(CanaryScorer.load(scorer_dir), model, alias="challenger")
         mlflow.set_tag("registered", f"{model}/{version.version}@challenger")
+    _tag_objective(MlflowClient(), model, str(version.version), key, s.objective,
+                   json.dumps(list(best.values)))
     info = {"trial": best.number, "model": model, "version": str(version.version),
-            "alias": "challenger", "run_id": str(best.user_attrs["mlflow_run_id"])}
+            "alias": "challenger", "run_id": str(best.user_attrs["mlflow_run_id"]),
+            "reason": reason}
     study.set_user_attr("registered", info)
-    return info
+    log.info("registered %s v%s @challenger: %s", model, version.version, reason)
+    return info, reason
+
+
+def _tag_objective(client: Any, model: str, version: str, key: str, objective: str,
+                   values: str) -> None:
+    from canaryml.tune import gate
+
+    for tag, value in ((gate.KEY_TAG, key), (gate.OBJECTIVE_TAG, objective),
+                       (gate.VALUE_TAG, values)):
+        client.set_model_version_tag(model, version, tag, value)
+
+
+def _incumbents(study: optuna.Study, model: str, key: str, runner: TrialRunner, policy: Any
+                ) -> tuple[list[Any], str | None]:
+    """The untuned default trial and the versions behind @challenger / @champion, with their
+    objective values on this study's hold-out: from a version's `tune.objective_*` tags when
+    they were measured on the same objective, data and hold-out, else by replaying the version
+    on the hold-out now (and tagging it). Returns (contenders, why they cannot be compared)."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from canaryml import tracking
+    from canaryml.registry import training_dataset_hash
+    from canaryml.tune import gate
+    from canaryml.tune.objective import replay_score
+
+    s = runner.setup
+    out: list[gate.Contender] = []
+    base = next((x for x in study.get_trials(deepcopy=False,
+                                             states=(optuna.trial.TrialState.COMPLETE,))
+                 if x.user_attrs.get("baseline")), None)
+    if base is not None:
+        out.append(gate.Contender(f"the untuned default (trial {base.number})",
+                                  tuple(base.values)))
+    client = MlflowClient()
+    seen: set[str] = set()
+    for alias in ("challenger", "champion"):
+        mv = tracking.get_alias_version(model, alias)
+        if mv is None or str(mv.version) in seen:
+            continue
+        seen.add(str(mv.version))
+        name = f"@{alias} v{mv.version}"
+        values = gate.tagged_values(mv.tags or {}, key)
+        if values is None:
+            if s.objective == "val_loss":
+                return out, (f"{name} has no val/loss measured on this study's data and hold-out, "
+                             "so tune.objective=val_loss cannot compare with it")
+            scorer = tracking.load_scorer(f"models:/{model}/{mv.version}")
+            score = replay_score(scorer, runner.dataset, runner.holdout.holdout, policy,
+                                 max_frr=s.max_frr, thresholds=s.thresholds,
+                                 horizon_s=s.horizon_s, model_version=f"v{mv.version}")
+            values = ((score.caught_at_frr,) if s.objective == "replay"
+                      else (score.caught, score.false_rollback))
+            if training_dataset_hash(client, mv) == runner.dataset.content_hash:
+                log.warning("%s was trained on this dataset (possibly on these hold-out "
+                            "deployments): its replayed objective %s may be in-sample and "
+                            "favour it", name, list(values))
+            _tag_objective(client, model, str(mv.version), key, s.objective,
+                           json.dumps(list(values)))
+            log.info("%s replayed on the tuning hold-out: %s", name, list(values))
+        out.append(gate.Contender(name, values))
+    return out, None
 
 
 def _prune_scorers(study: optuna.Study, best: optuna.trial.FrozenTrial | None, root: Path) -> None:
@@ -523,5 +632,7 @@ def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:
     reg = summary.get("registered")
     if reg:
         line += f"\n  registered {reg['model']} v{reg['version']} @challenger"
+    elif summary.get("register_decision"):
+        line += f"\n  not registered as @challenger: {summary['register_decision']}"
     line += f"\n  results: {out_dir}/best.json"
     print(line)
