@@ -13,6 +13,9 @@ Canary progression (seed parameters):
       - `immediate`: ROLLBACK at once;
       - `gradual`: SHRINK one batch per breaching tick while the score stays over the threshold,
         ROLLBACK when the canary is shrunk to zero batches;
+  * predictive rule: a tick also breaches when the scorer's breach probability (P that the
+    canary causes an SLO breach within the model's horizon, canaryml.models.predict) exceeds
+    `predict_probability`; it shares the hysteresis and everything after it with the score;
   * a batch is *clean* while `score <= clean_threshold` (default: the rollback threshold);
     a tick between the two thresholds ("marginal") is neither a breach nor clean: it holds the
     progression and restarts the clean period;
@@ -67,6 +70,11 @@ class PolicyConfig:
     # a scorer policy takes its threshold and hysteresis from the model's fitted operating point
     # when it has one (config `rollback_threshold: null`); the values above are the fallback
     follow_model: bool = False
+    # predictive rule: breach when P(canary-caused SLO breach within predict_horizon_s) exceeds
+    # this. None = the model's fitted value (off for a model without a breach predictor); 1 = off
+    predict_probability: float | None = None
+    # None = the model's horizon; a number must equal it (the predictor is trained for one)
+    predict_horizon_s: float | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -111,7 +119,7 @@ class PolicyConfig:
             d["rollback_threshold"] = cls.rollback_threshold
             d["follow_model"] = True
         cfg = cls(**d)
-        for name in ("rollback_threshold", "clean_threshold"):
+        for name in ("rollback_threshold", "clean_threshold", "predict_probability"):
             value = getattr(cfg, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ConfigError(
@@ -123,19 +131,39 @@ class PolicyConfig:
 
     def for_model(self, scorer: object) -> PolicyConfig:
         """This config at the model's fitted operating point (`scorer.operating_point`) when it
-        follows the model and the model has one; else unchanged."""
-        op = getattr(scorer, "operating_point", None) if self.follow_model else None
-        if not op:
-            return self
-        return replace(self.with_threshold(float(op["rollback_threshold"])),
-                       consecutive_breaches=int(op.get("consecutive_breaches",
-                                                       self.consecutive_breaches)))
+        follows the model and the model has one, and with the model's predictive rule when
+        `predict_probability` is None; else unchanged."""
+        op = getattr(scorer, "operating_point", None) or {}
+        cfg = self
+        if self.follow_model and op.get("rollback_threshold") is not None:
+            cfg = replace(self.with_threshold(float(op["rollback_threshold"])),
+                          consecutive_breaches=int(op.get("consecutive_breaches",
+                                                          self.consecutive_breaches)))
+        horizon = predict_horizon(scorer)
+        if horizon is None:  # no breach predictor: the rule cannot fire
+            return replace(cfg, predict_probability=None)
+        if self.predict_horizon_s is not None and abs(self.predict_horizon_s - horizon) > 1e-6:
+            raise ConfigError(f"policy.predict_horizon_s={self.predict_horizon_s:g} but the model's "
+                              f"breach predictor was trained for {horizon:g} s; set it to null "
+                              f"(the model's) or retrain with trainer.predict_horizon_s="
+                              f"{self.predict_horizon_s:g}")
+        p = self.predict_probability
+        if p is None:
+            p = op.get("predict_probability")
+        return replace(cfg, predict_probability=None if p is None else float(p),
+                       predict_horizon_s=horizon)
 
     def with_threshold(self, threshold: float) -> PolicyConfig:
         """Copy at another rollback threshold (the clean threshold keeps its offset)."""
         clean = None if self.clean_threshold is None else (
             self.clean_threshold + threshold - self.rollback_threshold)
         return replace(self, rollback_threshold=float(threshold), clean_threshold=clean)
+
+
+def predict_horizon(scorer: object) -> float | None:
+    """The horizon of the scorer's breach predictor; None when it has none."""
+    predictor = getattr(scorer, "predictor", None)
+    return None if predictor is None else float(predictor.horizon_s)
 
 
 @dataclass(frozen=True)
@@ -189,9 +217,11 @@ class RollbackPolicy:
 
     def decide(self, score: float | None, now_s: float, state: PolicyState, *,
                failure: str | None = None, reasons: Sequence[str] = (),
-               evidence: Mapping[str, Any] | None = None) -> tuple[Decision, PolicyState]:
+               evidence: Mapping[str, Any] | None = None,
+               predicted: float | None = None) -> tuple[Decision, PolicyState]:
         """One tick. `score` in [0, 1] (higher = worse) or None/NaN; `failure` says why there is
-        no usable score. `reasons`/`evidence` are passed through into the Decision."""
+        no usable score; `predicted` is the breach probability (predictive rule) or None.
+        `reasons`/`evidence` are passed through into the Decision."""
         cfg = self.config
         ev: dict[str, Any] = dict(evidence or {})
         ev["reasons"] = list(reasons)
@@ -228,20 +258,24 @@ class RollbackPolicy:
                        st)
         breach = score >= cfg.rollback_threshold if cfg.breach_inclusive else (
             score > cfg.rollback_threshold)
+        what = f"score {score:.3f} over threshold {cfg.rollback_threshold:.3f}"
+        if (not breach and cfg.predict_probability is not None and predicted is not None
+                and math.isfinite(predicted) and predicted > cfg.predict_probability):
+            breach = True
+            ev["predicted_breach"] = True
+            what = (f"predicted SLO breach within {cfg.predict_horizon_s or 0:.0f} s "
+                    f"(p={predicted:.2f} > {cfg.predict_probability:.2f})")
         if breach:
             n = st.breaches + 1
             st = replace(st, breaches=n, clean_since_s=None)
             if n < cfg.consecutive_breaches:
-                return out(Action.CONTINUE, f"score {score:.3f} over threshold "
-                           f"{cfg.rollback_threshold:.3f} ({n}/{cfg.consecutive_breaches})", st)
+                return out(Action.CONTINUE, f"{what} ({n}/{cfg.consecutive_breaches})", st)
             if cfg.rollback_strategy is RollbackStrategy.GRADUAL and st.batch > 1:
                 st = replace(st, batch=st.batch - 1)
-                return out(Action.SHRINK, f"score {score:.3f} over threshold "
-                           f"{cfg.rollback_threshold:.3f} {n}× in a row: shrink to batch "
-                           f"{st.batch}", st)
+                return out(Action.SHRINK, f"{what} {n}× in a row: shrink to batch {st.batch}",
+                           st)
             st = replace(st, batch=0, final=Action.ROLLBACK)
-            return out(Action.ROLLBACK, f"score {score:.3f} over threshold "
-                       f"{cfg.rollback_threshold:.3f} {n}× in a row: roll back", st)
+            return out(Action.ROLLBACK, f"{what} {n}× in a row: roll back", st)
         st = replace(st, breaches=0)
         if score > cfg.clean_at:
             return out(Action.CONTINUE, f"marginal score {score:.3f} (clean ≤ {cfg.clean_at:.3f}): "

@@ -44,6 +44,8 @@ class ScoreResult:
     detector_score: float
     contributions: dict[str, float] = field(default_factory=dict)  # metric -> share of the score
     breach_eta_s: float | None = None  # predicted seconds until an SLO metric breaches
+    # P(the canary causes an SLO breach within the model's predict horizon); None = no predictor
+    breach_probability: float | None = None
 
     def top_reasons(self, k: int = 3) -> list[str]:
         top = sorted(self.contributions.items(), key=lambda kv: -kv[1])[:k]

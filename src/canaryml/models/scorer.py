@@ -45,6 +45,7 @@ from canaryml.data.dataset import DeploymentArrays
 from canaryml.errors import ModelLoadError, ScoringError
 from canaryml.models.detectors import IsolationForestDetector, JointForest, ResidualDetector
 from canaryml.models.networks import NetworkSpec, build_network
+from canaryml.models.predict import BreachPredictor, tick_windows
 from canaryml.models.windows import Scaler, model_input
 
 log = logging.getLogger(__name__)
@@ -167,8 +168,12 @@ class CanaryScorer:
                  metrics: Sequence[str], catalog: Catalog, detectors: dict[str, ResidualDetector | None],
                  calibration: Calibration, weights: ScorerWeights, step_s: int,
                  gap_scale: np.ndarray | None = None, info: dict[str, Any] | None = None,
-                 operating_point: dict[str, Any] | None = None):
+                 operating_point: dict[str, Any] | None = None,
+                 predictor: BreachPredictor | None = None):
         self.spec = spec
+        # P(canary-caused SLO breach within its horizon) per window: the predictive rule's input
+        # (canaryml.models.predict); None = the model has none (no labelled faults to learn from)
+        self.predictor = predictor
         # the rollback threshold and hysteresis chosen at training time for a target false-
         # rollback rate (canaryml.replay.protocol.choose_operating_point); policies that follow
         # the model (policy.rollback_threshold: null) use it. None = not chosen.
@@ -235,6 +240,12 @@ class CanaryScorer:
     def lookback(self) -> int:
         """Steps a Window must hold: the forecaster's lookback plus its horizon."""
         return self.spec.lookback + self.spec.horizon
+
+    @property
+    def window_steps(self) -> int:
+        """Steps of history a decision reads: `lookback`, or the breach predictor's longer
+        window (the canary's age and first minutes) when the model has one."""
+        return max(self.lookback, 0 if self.predictor is None else self.predictor.spec.window)
 
     @property
     def min_steps(self) -> int:
@@ -311,6 +322,8 @@ class CanaryScorer:
                 continue
             res = self._score_block(np.stack(cs), np.stack(bs) if has_base else None,
                                     memo=False)
+            if self.predictor is not None:
+                res["breach_probability"] = self._predict([windows[i] for i in idx], has_base)
             bad = res["invalid"]
             for j, i in enumerate(idx):
                 if bad[j]:
@@ -324,6 +337,20 @@ class CanaryScorer:
                     out[i] = self._result(res, j)
         return [r for r in out if r is not None]
 
+    def _predict(self, windows: Sequence[Window], has_base: bool) -> np.ndarray:
+        """Breach probabilities of live windows: each window's last `predictor.spec.window`
+        steps in the model's metric order, NaN-padded at the front, in one batch."""
+        assert self.predictor is not None
+        n = self.predictor.spec.window
+
+        def rows(w: Window, values: np.ndarray) -> np.ndarray:
+            v = np.asarray(values, np.float32)[-n:, self._index_for(w.metrics, w.deployment_id)]
+            return np.concatenate([np.full((n - len(v), v.shape[1]), np.nan, np.float32), v])
+
+        can = np.stack([rows(w, w.canary) for w in windows])
+        base = np.stack([rows(w, w.baseline) for w in windows]) if has_base else None
+        return self.predictor.predict(can, base)
+
     def score_series(self, arrays: DeploymentArrays) -> np.ndarray:
         """Score of every tick of a deployment in one batched pass; NaN before the first full
         window and where a metric is missing for a whole window (score() would raise there)."""
@@ -331,10 +358,12 @@ class CanaryScorer:
 
     def score_series_components(self, arrays: DeploymentArrays) -> dict[str, np.ndarray]:
         """Per-tick arrays [T]: score, app_score, infra_score, forecast_error, detector_score,
-        breach_eta_s (NaN = none). Equal to `score()` on the window ending at each tick."""
+        breach_eta_s, breach_probability (NaN = none). Equal to `score()` on the window ending
+        at each tick (its last `window_steps` steps)."""
         w = self.lookback
         n_ticks = len(arrays.timestamps_s)
-        keys = ("score", "app_score", "infra_score", "forecast_error", "detector_score", "breach_eta_s")
+        keys = ("score", "app_score", "infra_score", "forecast_error", "detector_score",
+                "breach_eta_s", "breach_probability")
         out = {k: np.full(n_ticks, np.nan) for k in keys}
         idx = self._index_for(arrays.metrics, arrays.deployment_id)
         can, base, first = self.padded(arrays.canary[:, idx],
@@ -344,16 +373,25 @@ class CanaryScorer:
         views_c = np.lib.stride_tricks.sliding_window_view(can, w, axis=0).transpose(0, 2, 1)
         views_b = (None if base is None else
                    np.lib.stride_tricks.sliding_window_view(base, w, axis=0).transpose(0, 2, 1))
+        if self.predictor is not None:  # its own, longer windows, ending on the same ticks
+            ends = np.arange(first, n_ticks)
+            pc, pb = tick_windows(arrays.canary[:, idx],
+                                  None if arrays.baseline is None else arrays.baseline[:, idx],
+                                  self.predictor.spec.window, ends)
+            out["breach_probability"][first:] = self.predictor.predict(pc, pb)
         n_invalid = 0
         for lo in range(0, len(views_c), _CHUNK):
             hi = min(lo + _CHUNK, len(views_c))
             res = self._score_block(np.ascontiguousarray(views_c[lo:hi]),
                                     None if views_b is None else np.ascontiguousarray(views_b[lo:hi]))
             for k in keys:
+                if k not in res:
+                    continue
                 vals = res[k].astype(float)
                 vals[res["invalid"]] = np.nan
                 out[k][first + lo: first + hi] = vals
             n_invalid += int(res["invalid"].sum())
+        out["breach_probability"][~np.isfinite(out["score"])] = np.nan  # score() raises there
         if n_invalid:
             log.warning("deployment %s: %d tick(s) not scored (a metric missing for a whole "
                         "window); their score is NaN", arrays.deployment_id, n_invalid)
@@ -373,7 +411,7 @@ class CanaryScorer:
         copy = CanaryScorer(spec=self.spec, network=self.network, scaler=self.scaler,
                             metrics=self._metrics, catalog=self.catalog, detectors=self.detectors,
                             calibration=self.calibration, weights=weights, step_s=self._step_s,
-                            gap_scale=self.gap_scale, info=self.info)
+                            gap_scale=self.gap_scale, info=self.info, predictor=self.predictor)
         copy.workers = self.workers
         copy._memo = self._memo  # operating_point stays None: it was chosen for this mix only
         return copy
@@ -620,6 +658,7 @@ class CanaryScorer:
 
     def _result(self, res: dict[str, np.ndarray], j: int) -> ScoreResult:
         eta = float(res["breach_eta_s"][j])
+        p = float(res["breach_probability"][j]) if "breach_probability" in res else np.nan
         return ScoreResult(
             score=float(res["score"][j]), app_score=float(res["app_score"][j]),
             infra_score=float(res["infra_score"][j]),
@@ -627,12 +666,13 @@ class CanaryScorer:
             detector_score=float(res["detector_score"][j]),
             contributions={m: float(v) for m, v in zip(self._metrics, res["contributions"][j], strict=True)},
             breach_eta_s=eta if np.isfinite(eta) else None,
+            breach_probability=p if np.isfinite(p) else None,
         )
 
     # ---- persistence -----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the bundle to one directory atomically (scorer.json, state.npz, network.pt,
-        detectors.joblib). `path` must be new, empty or an earlier scorer bundle (it is
+        detectors.joblib, predictor.joblib when there is one). `path` must be new, empty or an earlier scorer bundle (it is
         replaced as a whole): `OutputDirError` else."""
         import joblib
 
@@ -654,6 +694,8 @@ class CanaryScorer:
                      groups=np.full(len(c.components), -1) if c.groups is None else c.groups)
             torch.save(self.network.state_dict(), tmp / "network.pt")
             joblib.dump(self.detectors, tmp / "detectors.joblib")
+            if self.predictor is not None:
+                joblib.dump(self.predictor, tmp / "predictor.joblib")
         return path
 
     @classmethod
@@ -684,7 +726,9 @@ class CanaryScorer:
                                                None if (st["groups"] < 0).all() else st["groups"]),
                        weights=ScorerWeights(**meta["weights"]), step_s=int(meta["step_s"]),
                        gap_scale=st["gap_scale"], info=meta.get("info", {}),
-                       operating_point=meta.get("operating_point"))
+                       operating_point=meta.get("operating_point"),
+                       predictor=(joblib.load(path / "predictor.joblib")
+                                  if (path / "predictor.joblib").is_file() else None))
         except ModelLoadError:
             raise
         except Exception as exc:  # corrupt/partial bundle: one clear error, not a traceback

@@ -26,6 +26,7 @@ from canaryml.errors import DataContractError
 from canaryml.models.detectors import DetectorSpec, ResidualDetector
 from canaryml.models.forecaster import Forecaster, fit_forecaster
 from canaryml.models.networks import NetworkSpec, build_network
+from canaryml.models.predict import PredictorSpec, fit_on_dataset
 from canaryml.models.scorer import Calibration, CanaryScorer, ScorerWeights, calibrate
 from canaryml.models.windows import (
     DeploymentInfo,
@@ -58,6 +59,8 @@ class TrainerSpec:
     # point-labelled benchmarks (SMD, NAB): their unlabelled `<id>.train` parts are the normal
     # reference, as in the published protocols; simulated and real canaries keep `unknown` out
     unknown_is_normal: bool = False
+    # the breach predictor's horizon (predictive rollback, canaryml.models.predict); null/0 = none
+    predict_horizon_s: float | None = 600.0
 
 
 @dataclass(frozen=True)
@@ -259,6 +262,15 @@ def train_scorer(dataset: CanonicalDataset, spec: TrainSpec, *, work_dir: Path |
         last = history[-1]
         metrics_out |= {k: v for k, v in last.items() if k != "epoch"}
         metrics_out["val/best_loss"] = min(h.get("val/loss", np.inf) for h in history)
+    if tr.predict_horizon_s:  # on the training split: validation chooses its probability
+        t0 = time.perf_counter()
+        scorer.predictor = fit_on_dataset(
+            dataset, split.train, scorer.metrics, catalog,
+            PredictorSpec(horizon_s=float(tr.predict_horizon_s)), min_steps=scorer.min_steps,
+            seed=spec.seed)
+        metrics_out["train/predictor_fit_s"] = time.perf_counter() - t0
+        if scorer.predictor is not None:
+            metrics_out["predictor/brier"] = scorer.predictor.info["brier_calibration"]
     for stage, items in (("test", test_items),):
         if items:
             metrics_out |= {f"{stage}/{k}": v for k, v in evaluate(scorer, items).items()}

@@ -101,11 +101,14 @@ def _operating_point(cfg: DictConfig, dataset: CanonicalDataset, result: Any
     target = float(cfg.trainer.get("operating_point_frr", 0.01))
     op = choose_operating_point(result.scorer, dataset, result.split["val"], pcfg, target)
     if op is not None:
-        log.info("operating point: threshold %.4f, %d breach(es) in a row, for FRR <= %g on %d "
-                 "validation deployments", op["rollback_threshold"], op["consecutive_breaches"],
-                 target, op["deployments"])
+        p = op.get("predict_probability")
+        log.info("operating point: threshold %.4f, %d breach(es) in a row, predictive rule %s, "
+                 "for FRR <= %g on %d validation deployments", op["rollback_threshold"],
+                 op["consecutive_breaches"], "off" if p is None else f"p > {p:.3f}", target,
+                 op["deployments"])
         mlflow.log_metrics({"operating_point/rollback_threshold": op["rollback_threshold"],
-                            "operating_point/consecutive_breaches": op["consecutive_breaches"]})
+                            "operating_point/consecutive_breaches": op["consecutive_breaches"]}
+                           | ({} if p is None else {"operating_point/predict_probability": p}))
     return op
 
 

@@ -1,0 +1,342 @@
+"""Predictive rollback: the probability that a canary *causes* an SLO breach within a horizon.
+
+The anomaly score says "the canary looks unlike healthy canaries"; this says "at this pace the
+canary will hurt users within `horizon_s`". It reads the same window the scorer gets and, per
+tick, builds features a reliability engineer would look at:
+
+* for each SLO-bearing metric (catalog `slo`), on both groups, in units of the SLO (1 = at the
+  SLO): the level of the last minute, the worst value of the last 3 minutes, the trend over the
+  last 3 and 10 minutes, and the level extrapolated `horizon_s` ahead along each trend; and the
+  canary − baseline difference of each (a shared slowdown moves both);
+* for every metric, the log ratio canary / baseline over the last 1, 3 and 10 minutes, over the
+  canary's first 2 minutes (a difference there since the start) and the trend of that ratio
+  (precursors: memory before OOM, CPU before queueing, storage before request latency);
+* the canary's age within the window (`window` steps, the first observed row = its start).
+
+A gradient-boosted classifier (scikit-learn `HistGradientBoostingClassifier`, NaN-native) is fitted
+on the labelled ticks of the training split — positive where a faulty canary's fault has begun and
+its first SLO breach (`impact_at`) comes within `horizon_s` — and its output is recalibrated (isotonic regression,
+ranking kept) on held-back deployments, so `0.8` means "8 in 10 such ticks breached". The
+reliability table of those held-back ticks is kept with the model (`reliability`). It needs
+labelled faults with an impact in the training data; without them there is no predictor and the
+policy's predictive rule stays off.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from canaryml.catalog import Catalog, Direction
+
+log = logging.getLogger(__name__)
+
+SHORT, MID, LONG, START = 4, 12, 40, 8  # steps: 1, 3 and 10 minutes, the first 2 (at 15 s)
+
+
+@dataclass(frozen=True)
+class PredictorSpec:
+    horizon_s: float = 600.0
+    window: int = 240  # steps of history read (the canary's age and first minutes within it)
+    tick_every_s: float = 30.0  # training ticks, like the controller's monitoring interval
+    max_iter: int = 300
+    learning_rate: float = 0.05
+    max_leaf_nodes: int = 31
+    l2_regularization: float = 1.0
+    calibration_fraction: float = 0.3  # of the fit deployments, held back to recalibrate
+
+    def __post_init__(self) -> None:
+        from canaryml.errors import ConfigError
+
+        if not self.horizon_s > 0:
+            raise ConfigError(f"trainer.predict_horizon_s={self.horizon_s} must be > 0 seconds "
+                              "(e.g. 600); 0 or null turns the breach predictor off")
+        if self.window < LONG:
+            raise ConfigError(f"predictor window={self.window} steps must be ≥ {LONG}")
+
+
+def _nan_slope(x: np.ndarray) -> np.ndarray:
+    """Least-squares slope per step along axis 1 of [N, W, K], ignoring NaN (NaN if < 2 points)."""
+    w = x.shape[1]
+    t = np.arange(w, dtype=np.float64)[None, :, None]
+    ok = np.isfinite(x)
+    n = ok.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tm = np.where(ok, t, 0.0).sum(1) / n
+        xm = np.where(ok, x, 0.0).sum(1) / n
+        dt = np.where(ok, t - tm[:, None], 0.0)
+        cov = (dt * np.where(ok, x - xm[:, None], 0.0)).sum(1)
+        var = (dt**2).sum(1)
+        return np.where((n >= 2) & (var > 0), cov / var, np.nan)
+
+
+def _nanmedian(x: np.ndarray) -> np.ndarray:
+    """Median along axis 1 ignoring NaN, NaN where nothing is observed (no RuntimeWarning)."""
+    with np.errstate(all="ignore"):
+        out = np.sort(np.where(np.isfinite(x), x, np.inf), axis=1)
+    n = np.isfinite(x).sum(1)
+    lo = np.take_along_axis(out, np.maximum((n - 1) // 2, 0)[:, None], 1)[:, 0]
+    hi = np.take_along_axis(out, np.maximum(n // 2, 0)[:, None], 1)[:, 0]
+    return np.where(n > 0, 0.5 * (lo + hi), np.nan)
+
+
+def _nanmax(x: np.ndarray) -> np.ndarray:
+    ok = np.isfinite(x)
+    return np.where(ok.any(1), np.where(ok, x, -np.inf).max(1), np.nan)
+
+
+class FeatureMap:
+    """Windows [N, W, M] (canary, baseline or None) → features [N, F], NaN where undefined."""
+
+    def __init__(self, metrics: Sequence[str], catalog: Catalog, step_s: float, spec: PredictorSpec):
+        self.metrics = tuple(metrics)
+        self.spec = spec
+        self.step_s = float(step_s)
+        specs = [catalog.get(m) for m in self.metrics]
+        self.slo_idx = np.array([i for i, s in enumerate(specs) if s.slo is not None], np.int64)
+        slo = np.array([float(specs[i].slo) for i in self.slo_idx])  # type: ignore[arg-type]
+        self.slo = np.where(slo == 0, 1e-12, slo)
+        self.down = np.array([specs[i].direction is Direction.DOWN for i in self.slo_idx])
+
+    @property
+    def has_slo(self) -> bool:
+        return len(self.slo_idx) > 0
+
+    def names(self) -> list[str]:
+        slo = [self.metrics[i] for i in self.slo_idx]
+        parts = ("level", "max3m", "trend3m", "trend", "ahead3m", "ahead")
+        out = [f"{g}:{p}:{m}" for g in ("canary", "baseline", "diff") for p in parts for m in slo]
+        out += [f"ratio:{w}:{m}" for w in ("1m", "3m", "10m", "start", "trend")
+                for m in self.metrics]
+        return [*out, "age_s"]
+
+    def _slo_units(self, x: np.ndarray) -> np.ndarray:
+        u = x[:, :, self.slo_idx].astype(np.float64) / self.slo
+        return np.where(self.down, 2.0 - u, u)  # 1 = at the SLO, above = worse, both directions
+
+    def _group(self, x: np.ndarray | None, n: int) -> np.ndarray:
+        k = len(self.slo_idx)
+        if x is None:
+            return np.full((n, 6 * k), np.nan)
+        u = self._slo_units(x)
+        per_h = 3600.0 / self.step_s
+        ahead = self.spec.horizon_s / 3600.0
+        level = _nanmedian(u[:, -SHORT:])
+        t_mid = _nan_slope(u[:, -MID:]) * per_h
+        t_all = _nan_slope(u[:, -LONG:]) * per_h
+        return np.concatenate([level, _nanmax(u[:, -MID:]), t_mid, t_all, level + t_mid * ahead,
+                               level + t_all * ahead], axis=1)
+
+    def __call__(self, can: np.ndarray, base: np.ndarray | None) -> np.ndarray:
+        w = self.spec.window
+        can = can[:, -w:]
+        base = None if base is None else base[:, -w:]
+        n = len(can)
+        seen = np.isfinite(can).any(2)  # [N, W]: rows the canary has data for
+        first = np.where(seen.any(1), seen.argmax(1), can.shape[1])
+        age_s = (can.shape[1] - first) * self.step_s
+        c = self._group(can, n)
+        b = self._group(base, n)
+        feats = [c, b, c - b]
+        if base is None:
+            feats.append(np.full((n, 5 * len(self.metrics)), np.nan))
+        else:
+            with np.errstate(all="ignore"):
+                ratio = (np.log(np.abs(can.astype(np.float64)) + 1e-9)
+                         - np.log(np.abs(base.astype(np.float64)) + 1e-9))
+            # the canary's first START rows (they begin at `first`, per window)
+            rows = np.clip(first[:, None] + np.arange(START)[None, :], 0, can.shape[1] - 1)
+            start = np.take_along_axis(ratio, rows[:, :, None], 1)
+            feats += [_nanmedian(ratio[:, -SHORT:]), _nanmedian(ratio[:, -MID:]),
+                      _nanmedian(ratio[:, -LONG:]), _nanmedian(start),
+                      _nan_slope(ratio[:, -LONG:]) * 3600.0 / self.step_s]
+        return np.concatenate([*feats, age_s[:, None]], axis=1)
+
+
+class RankIsotonic:
+    """Isotonic recalibration that keeps the classifier's ranking: (1 − ε)·iso(p) + ε·p. Plain
+    isotonic regression maps whole ranges of p to one plateau value, which would leave the
+    operating-point sweep only a handful of distinct thresholds; the ε term (≤ 0.001 off the
+    calibrated value) orders the ticks inside each plateau."""
+
+    EPS = 1e-3
+
+    def __init__(self) -> None:
+        self.iso: Any = None
+
+    def fit(self, p: np.ndarray, y: np.ndarray) -> RankIsotonic:
+        from sklearn.isotonic import IsotonicRegression
+
+        self.iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(p, y)
+        return self
+
+    def predict(self, p: np.ndarray) -> np.ndarray:
+        p = np.asarray(p, np.float64)
+        return (1.0 - self.EPS) * np.asarray(self.iso.predict(p), np.float64) + self.EPS * p
+
+
+@dataclass
+class BreachPredictor:
+    """P(the canary causes an SLO breach within `spec.horizon_s`) for scorer windows."""
+
+    spec: PredictorSpec
+    features: FeatureMap
+    model: Any  # fitted HistGradientBoostingClassifier
+    calibrator: RankIsotonic  # recalibrates the classifier's probability
+    reliability: list[dict[str, float]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def horizon_s(self) -> float:
+        return self.spec.horizon_s
+
+    def predict(self, can: np.ndarray, base: np.ndarray | None) -> np.ndarray:
+        """[N, W, M] windows in `features.metrics` order → probabilities [N] (NaN: no data)."""
+        x = self.features(can, base)
+        p = self.model.predict_proba(x)[:, 1]
+        out = np.asarray(self.calibrator.predict(p), np.float64)
+        return np.where(x[:, -1] > 0, out, np.nan)  # nothing observed yet: no probability
+
+
+def tick_windows(canary: np.ndarray, baseline: np.ndarray | None, window: int, ends: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Windows of `window` steps ending at each index of `ends` (NaN-padded at the front)."""
+    pad = window - 1
+
+    def cut(x: np.ndarray) -> np.ndarray:
+        xp = np.concatenate([np.full((pad, x.shape[1]), np.nan, np.float32), x.astype(np.float32)])
+        view = np.lib.stride_tricks.sliding_window_view(xp, (window, x.shape[1]))[:, 0]
+        return view[ends]
+
+    return cut(canary), None if baseline is None else cut(baseline)
+
+
+@dataclass(frozen=True)
+class LabelledDeployment:
+    canary: np.ndarray  # [T, M] in the predictor's metric order
+    baseline: np.ndarray | None
+    timestamps_s: np.ndarray
+    faulty: bool
+    onset_s: float | None
+    impact_s: float | None
+
+
+def _ticks(d: LabelledDeployment, fm: FeatureMap, first: int, every: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    ends = np.arange(first, len(d.timestamps_s), every)
+    if len(ends) == 0:
+        return np.empty((0, len(fm.names()))), np.empty(0, bool)
+    c, b = tick_windows(d.canary, d.baseline, fm.spec.window, ends)
+    t = d.timestamps_s[ends].astype(np.float64)
+    y = np.zeros(len(ends), bool)
+    if d.faulty and d.onset_s is not None and d.impact_s is not None:
+        y = (t >= d.onset_s) & (d.impact_s <= t + fm.spec.horizon_s)
+    return fm(c, b), y
+
+
+def reliability_table(p: np.ndarray, y: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    """Predicted vs observed frequency per probability bin (the reliability diagram's points)."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    out = []
+    for k in range(bins):
+        m = idx == k
+        if m.any():
+            out.append({"bin_low": float(edges[k]), "bin_high": float(edges[k + 1]),
+                        "predicted": float(p[m].mean()), "observed": float(y[m].mean()),
+                        "ticks": int(m.sum())})
+    return out
+
+
+def fit_predictor(deployments: Iterable[LabelledDeployment], metrics: Sequence[str],
+                  catalog: Catalog, step_s: float, spec: PredictorSpec, *, min_steps: int = 8,
+                  seed: int = 0) -> BreachPredictor | None:
+    """Fit on labelled deployments (healthy and faulty); None (with a warning naming why) when
+    the catalog has no SLO metric or the data holds too few positive ticks to learn from."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    fm = FeatureMap(metrics, catalog, step_s, spec)
+    if not fm.has_slo:
+        log.warning("breach predictor: the catalog has no metric with an `slo`; the predictive "
+                    "rule stays off (add `slo:` to the SLO metrics in conf/metrics)")
+        return None
+    every = max(1, round(spec.tick_every_s / step_s))
+    per_dep = [_ticks(d, fm, min_steps - 1, every) for d in deployments]
+    per_dep = [(x, y) for x, y in per_dep if len(y)]
+    positives = sum(int(y.sum()) for _, y in per_dep)
+    faulty_deps = sum(bool(y.any()) for _, y in per_dep)
+    if faulty_deps < 4 or positives < 20:
+        log.warning("breach predictor: %d faulty deployment(s) with an SLO breach in the training "
+                    "split (%d positive ticks); need ≥ 4 and ≥ 20 — the predictive rule stays "
+                    "off. Label incidents (fault_onset, impact_at) to enable it.", faulty_deps,
+                    positives)
+        return None
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(per_dep))
+    # hold back whole deployments, stratified: some with positives, some without
+    pos = [i for i in order if per_dep[i][1].any()]
+    neg = [i for i in order if not per_dep[i][1].any()]
+    held = set(pos[: max(1, int(len(pos) * spec.calibration_fraction))]
+               + neg[: int(len(neg) * spec.calibration_fraction)])
+    fit_i = [i for i in range(len(per_dep)) if i not in held]
+    cal_i = sorted(held)
+    x_fit = np.concatenate([per_dep[i][0] for i in fit_i])
+    y_fit = np.concatenate([per_dep[i][1] for i in fit_i])
+    x_cal = np.concatenate([per_dep[i][0] for i in cal_i])
+    y_cal = np.concatenate([per_dep[i][1] for i in cal_i])
+    model = HistGradientBoostingClassifier(
+        max_iter=spec.max_iter, learning_rate=spec.learning_rate,
+        max_leaf_nodes=spec.max_leaf_nodes, l2_regularization=spec.l2_regularization,
+        random_state=seed).fit(x_fit, y_fit)
+    raw = model.predict_proba(x_cal)[:, 1]
+    calibrator = RankIsotonic().fit(raw, y_cal)
+    # the reliability table is cross-fitted: each half of the held-back deployments is
+    # recalibrated on the other half, so it shows out-of-sample calibration
+    half = np.concatenate([np.full(len(per_dep[i][1]), k % 2) for k, i in enumerate(cal_i)])
+    p_cal = np.empty(len(raw))
+    for h in (0, 1):
+        other = half != h
+        p_cal[~other] = (RankIsotonic().fit(raw[other], y_cal[other]).predict(raw[~other])
+                         if y_cal[other].any() and not y_cal[other].all() else raw[~other])
+    info = {"horizon_s": spec.horizon_s, "fit_ticks": len(y_fit),
+            "fit_positive_ticks": int(y_fit.sum()), "calibration_ticks": len(y_cal),
+            "calibration_positive_ticks": int(y_cal.sum()),
+            "brier_calibration": float(np.mean((p_cal - y_cal) ** 2)),
+            "deployments": len(per_dep), "calibration_deployments": len(cal_i)}
+    log.info("breach predictor: %d ticks (%d positive) to fit, %d held back; Brier %.4f",
+             info["fit_ticks"], info["fit_positive_ticks"], info["calibration_ticks"],
+             info["brier_calibration"])
+    return BreachPredictor(spec, fm, model, calibrator, reliability_table(p_cal, y_cal), info)
+
+
+def _epoch_s(value: Any) -> float | None:
+    import pandas as pd
+
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    ts = pd.Timestamp(value)
+    return (ts.tz_localize("UTC") if ts.tzinfo is None else ts).timestamp()
+
+
+def fit_on_dataset(dataset: Any, deployment_ids: Sequence[str], metrics: Sequence[str],
+                   catalog: Catalog, spec: PredictorSpec, *, min_steps: int = 8, seed: int = 0
+                   ) -> BreachPredictor | None:
+    """`fit_predictor` on deployments of a CanonicalDataset (labels from its deployments table:
+    `label`, `fault_onset`, `impact_at`), columns in the scorer's `metrics` order."""
+    deps = dataset.deployments.set_index("deployment_id")
+
+    def labelled() -> Iterable[LabelledDeployment]:
+        for a in dataset.iter_arrays([str(i) for i in deployment_ids]):
+            idx = [a.metrics.index(m) for m in metrics]
+            row = deps.loc[a.deployment_id]
+            yield LabelledDeployment(
+                a.canary[:, idx], None if a.baseline is None else a.baseline[:, idx],
+                a.timestamps_s, str(row["label"]) == "faulty", _epoch_s(row.get("fault_onset")),
+                _epoch_s(row.get("impact_at")))
+
+    return fit_predictor(labelled(), metrics, catalog, float(dataset.step_s), spec,
+                         min_steps=min_steps, seed=seed)
