@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from canaryml.catalog import Catalog
 from canaryml.data.atomic import check_output_dir
 from canaryml.data.dataset import MANIFEST, OWNS_DATASET
+from canaryml.data.storage import is_uri
 from canaryml.errors import ConfigError, config_int
 from canaryml.ingest import SOURCES, Ingested, write_ingested
 from canaryml.paths import repo_root
@@ -66,7 +67,7 @@ def run(cfg: DictConfig) -> int:
     source = str(cfg.source)
     icfg = cast(dict[str, Any], OmegaConf.to_container(cfg.ingest, resolve=True))
     input_dir = _resolve(cfg.input)
-    out = _resolve(cfg.out)
+    out = str(cfg.out) if is_uri(str(cfg.out or "")) else _resolve(cfg.out)  # s3://… as is
     if out is None:  # data/processed/<input folder name>; smd/nab defaults and prometheus
         name = input_dir.name if input_dir is not None and source != "prometheus" else source
         if source == "nezha" and name != "nezha":  # a day folder: nezha-2022-08-22
