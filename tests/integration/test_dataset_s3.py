@@ -95,3 +95,71 @@ def test_replay_reads_dataset_from_s3(tmp_path: Path, s3: str, mlflow_uri: str) 
     for name in ("scorer", "argo", "kayenta"):
         assert summaries[0]["policies"][name]["detection_rate"] == \
             summaries[1]["policies"][name]["detection_rate"]
+
+
+def test_ingest_writes_dataset_to_s3_manifest_last(tmp_path: Path, s3: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.fs as pafs
+
+    from canaryml.bench.ingest import generate_bundle
+    from canaryml.catalog import Catalog
+    from canaryml.data import storage
+    from canaryml.data.atomic import OutputDirError
+    from canaryml.data.contract import read_bundle
+    from canaryml.data.dataset import CanonicalDataset, write_canonical
+    from canaryml.errors import DataContractError
+
+    bundle_dir = tmp_path / "bundle"
+    generate_bundle(bundle_dir, 20_000, seed=1)
+    fs = pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1",
+                           endpoint_override=s3, allow_bucket_creation=True)
+    fs.create_dir(BUCKET)
+
+    def ingest(out: str | Path) -> dict:
+        return write_canonical(read_bundle(bundle_dir), out, step_s=15,
+                               catalog=Catalog.default(), source="bundle")
+
+    local = ingest(tmp_path / "local")
+    uri = f"s3://{BUCKET}/processed/ds"
+    remote = ingest(uri)
+    assert remote["content_hash"] == local["content_hash"]
+    ds = CanonicalDataset(uri)
+    assert ds.content_hash == local["content_hash"]
+    first = str(ds.deployments["deployment_id"].iloc[0])
+    np.testing.assert_array_equal(ds.arrays(first).canary,
+                                  CanonicalDataset(tmp_path / "local").arrays(first).canary)
+
+    # the command line: `canaryml ingest … out=s3://…`
+    from canaryml.cli import compose
+    from canaryml.tasks import ingest as ingest_task
+
+    cli_uri = f"s3://{BUCKET}/processed/cli"
+    assert ingest_task.run(compose("ingest", ["source=bundle", f"input={bundle_dir}",
+                                              f"out={cli_uri}", "ingest.step_s=15"])) == 0
+    assert CanonicalDataset(cli_uri).content_hash == local["content_hash"]
+
+    # an upload that fails half-way leaves no manifest: never read as a dataset
+    calls = {"n": 0}
+    real_upload = storage._upload
+
+    def flaky(src: Path, loc: storage.Location, rel: str) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("connection reset (test)")
+        real_upload(src, loc, rel)
+
+    monkeypatch.setattr(storage, "_upload", flaky)
+    with pytest.raises(DataContractError, match=r"no manifest\.json was written"):
+        ingest(uri)
+    with pytest.raises(DataContractError, match="not a canonical dataset"):
+        CanonicalDataset(uri)
+    monkeypatch.setattr(storage, "_upload", real_upload)
+    assert ingest(uri)["content_hash"] == local["content_hash"]  # the rerun replaces it
+    assert CanonicalDataset(uri).content_hash == local["content_hash"]
+
+    # a prefix holding someone else's objects is refused, and nothing there changes
+    with fs.open_output_stream(f"{BUCKET}/reports/notes.txt") as fh:
+        fh.write(b"keep me")
+    with pytest.raises(OutputDirError, match="already holds objects"):
+        ingest(f"s3://{BUCKET}/reports")
+    assert storage.list_files(storage.locate(f"s3://{BUCKET}/reports")) == ["notes.txt"]

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from canaryml.data.contract import (
     table_from_pandas,
     validate_deployments,
 )
-from canaryml.data.storage import locate
+from canaryml.data.storage import Location, is_uri, locate, publish
 from canaryml.errors import DataContractError
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,23 @@ MANIFEST = "manifest.json"
 OWNS_DATASET = json_marker(MANIFEST, "schema_version", "content_hash", "counts")
 GROUP_CODES = {g: i for i, g in enumerate(GROUPS)}  # baseline=0, canary=1
 _CHUNK = 1 << 20  # samples per chunk of the resampling arithmetic
+
+
+def _owns_remote(loc: Location) -> bool:
+    """An object-storage prefix holding a canonical dataset's manifest (like OWNS_DATASET)."""
+    try:
+        data = json.loads(loc.read_bytes(MANIFEST)) if loc.is_file(MANIFEST) else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(k in data for k in ("schema_version", "content_hash",
+                                                              "counts"))
+
+
+def _dataset_file(rel: str) -> bool:
+    """A file a canonical dataset consists of (what an interrupted upload may have left)."""
+    return rel in (MANIFEST, "deployments.parquet") or (
+        rel.startswith("telemetry/deployment_id=") and rel.endswith(".parquet")
+        and rel.count("/") == 2)
 
 
 def partition_parts(deployment_id: str) -> tuple[str, str]:
@@ -101,6 +119,17 @@ def write_canonical(
     """
     if step_s <= 0:
         raise DataContractError(f"step_s={step_s} must be a positive number of seconds")
+    if is_uri(out):  # object storage: build the dataset locally, then publish it, manifest last
+        loc = locate(out)
+        with tempfile.TemporaryDirectory(prefix="canaryml-ingest-") as scratch:
+            manifest = write_canonical(bundle, Path(scratch) / "dataset", step_s=step_s,
+                                       catalog=catalog, source=source,
+                                       point_labels=point_labels,
+                                       extra_manifest=extra_manifest)
+            publish(Path(scratch) / "dataset", loc, marker=MANIFEST, owns=_owns_remote,
+                    replaceable=_dataset_file, kind="canonical dataset")
+        log.info("published %s (hash %s)", loc.text, manifest["content_hash"][:12])
+        return manifest
     deps = bundle.deployments.reset_index(drop=True)
     n_samples = bundle.num_samples
     codes = bundle.codes

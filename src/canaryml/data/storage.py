@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,3 +83,61 @@ def locate(location: PathLike) -> Location:
             "as s3://bucket/prefix (an S3-compatible server: set AWS_ENDPOINT_URL or add "
             "?endpoint_override=http://host:port)") from exc
     return Location(fs, path.rstrip("/"), location)
+
+
+def list_files(loc: Location) -> list[str]:
+    """Paths (relative to `loc`, `/`-separated) of every file under `loc`; [] when absent."""
+    selector = pafs.FileSelector(loc.path, recursive=True, allow_not_found=True)
+    prefix = loc.path.rstrip("/") + "/"
+    return sorted(i.path[len(prefix):] for i in loc.fs.get_file_info(selector)
+                  if i.type == pafs.FileType.File and i.path.startswith(prefix))
+
+
+def publish(local: Path, loc: Location, *, marker: str, owns: Callable[[Location], bool],
+            replaceable: Callable[[str], bool], kind: str, what: str = "out") -> None:
+    """Copy the complete output folder `local` to object storage at `loc`, marker last.
+
+    Object storage has no atomic folder rename, so the marker file is the commit point:
+    readers require it (a canonical dataset without `manifest.json` is no dataset). An
+    existing output is replaced in this order: its marker is deleted first (from then on no
+    reader sees a dataset, never a mix of old and new files), the new files are uploaded, the
+    old files the new output lacks are deleted, and the new marker is written last. A failure
+    leaves no marker, so nothing half-written is ever read as a dataset; the next run may
+    replace those files. `loc` must be empty, hold this command's output (`owns`) or only
+    files `replaceable` says the command writes (an interrupted earlier upload): anything else
+    is refused with `OutputDirError` before anything is written or deleted.
+    """
+    from canaryml.data.atomic import OutputDirError
+
+    try:
+        existing = list_files(loc)
+        if existing and not (owns(loc) or all(replaceable(p) for p in existing)):
+            shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more"
+                                               if len(existing) > 5 else "")
+            raise OutputDirError(
+                f"{what}={loc.text} already holds objects ({shown}) and not a {marker} written "
+                f"by this command, so it is not a {kind} this command wrote; writing there "
+                f"could delete or overwrite them. Give a new or empty prefix for {what}=.")
+        new = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+        if marker not in new:
+            raise OutputDirError(f"the {kind} for {what}={loc.text} wrote no {marker}; nothing "
+                                 "was uploaded (a bug: the writer must write its marker)")
+        if marker in existing:
+            loc.fs.delete_file(loc.join(marker))
+        for rel in new:
+            if rel != marker:
+                _upload(local / rel, loc, rel)
+        for rel in sorted(set(existing) - set(new)):
+            loc.fs.delete_file(loc.join(rel))
+        _upload(local / marker, loc, marker)
+    except OSError as exc:
+        raise DataContractError(
+            f"{what}={loc.text}: writing the {kind} failed ({exc}); no {marker} was written, "
+            "so no reader takes it for a complete output. Check the bucket, the credentials "
+            "and the endpoint, then run again") from exc
+
+
+def _upload(src: Path, loc: Location, rel: str) -> None:
+    with open(src, "rb") as fh, loc.fs.open_output_stream(loc.join(rel)) as out:
+        while chunk := fh.read(8 << 20):
+            out.write(chunk)
