@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def _dataset(path_value: str) -> CanonicalDataset:
+    if "://" in str(path_value):  # object storage (s3://bucket/prefix): read as is
+        return CanonicalDataset(str(path_value))
     path = Path(path_value)
     if not path.is_absolute() and not path.exists():
         path = repo_root() / path
