@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 SERVING = REPO / "serving"
 K8S = SERVING / "k8s"
 EXAMPLES = SERVING / "examples"
-CRONJOB = SERVING / "cronjob-retrain.yaml"  # written by another part of the project
+CRONJOB = K8S / "cronjob-retrain.yaml"
 
 HTTP_PORT = 8080
 CONTROLLER_HOST = "canaryml-controller.canaryml.svc.cluster.local"
@@ -43,10 +43,7 @@ WORKLOAD_WRITE_VERBS = {"create", "update", "delete", "deletecollection", "*"}
 
 
 def _yaml_files() -> list[Path]:
-    files = sorted(SERVING.rglob("*.yaml")) + sorted(SERVING.rglob("*.yml"))
-    if not CRONJOB.exists():  # the only tolerated absence (another engineer's file)
-        files = [f for f in files if f != CRONJOB]
-    return files
+    return sorted(SERVING.rglob("*.yaml")) + sorted(SERVING.rglob("*.yml"))
 
 
 def _docs(path: Path) -> list[dict[str, Any]]:
@@ -408,13 +405,17 @@ def test_flagger_canary_calls_the_rollout_check_and_rollback_webhooks() -> None:
         assert all(isinstance(v, str) for v in hooks[kind].get("metadata", {}).values())
 
 
-# -- retraining CronJob (another engineer's file; validated when present) -------------------
-@pytest.mark.skipif(not CRONJOB.exists(), reason="serving/cronjob-retrain.yaml not written yet")
+# -- retraining CronJob ----------------------------------------------------------------------
+def _retrain_pod() -> dict[str, Any]:
+    (job,) = [d for d in _docs(CRONJOB) if d.get("kind") == "CronJob"]
+    return dict(job["spec"]["jobTemplate"]["spec"]["template"]["spec"])
+
+
 def test_retrain_cronjob_is_valid() -> None:
     (job,) = [d for d in _docs(CRONJOB) if d.get("kind") == "CronJob"]
     assert _roundtrip(job, "V1CronJob") == _strip_nulls(json.loads(json.dumps(job)))
     assert len(job["spec"]["schedule"].split()) == 5
-    pod = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    pod = _retrain_pod()
     assert pod["restartPolicy"] in ("OnFailure", "Never")
     # admitted by a `restricted` namespace (Pod Security Standards)
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -422,9 +423,56 @@ def test_retrain_cronjob_is_valid() -> None:
     for c in pod["containers"]:
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
         assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
-    assert any("canaryml" in " ".join(c.get("command", []) + c.get("args", []))
-               or c.get("image", "").startswith("ghcr.io/canaryml/")
-               for c in pod["containers"])
+
+
+def test_retrain_cronjob_runs_with_the_controllers_image_secret_and_kustomization() -> None:
+    """issue 15 #5: the documented secret key, the kustomization's image, listed in it."""
+    (c,) = _retrain_pod()["containers"]
+    kust = _one("Kustomization")
+    assert CRONJOB.name in kust["resources"] and CRONJOB.parent == K8S
+    assert c["image"] == _container()["image"]
+    (image,) = kust["images"]
+    assert c["image"] == f"{image['name']}:{image['newTag']}"
+    env = {e["name"]: e for e in c["env"]}
+    ref = env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"]
+    controller_ref = {e["name"]: e for e in _container()["env"]}[
+        "MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"]
+    assert ref == controller_ref == {"name": "canaryml-mlflow", "key": "tracking-uri"}
+    readme = (SERVING / "README.md").read_text()
+    assert "--from-literal=tracking-uri=" in readme  # what the docs tell users to create
+
+
+def test_retrain_ingest_config_says_which_deployments_to_pull(tmp_path: Path) -> None:
+    """Mount the retrain ConfigMap as the CronJob does and compose `canaryml ingest` with the
+    job's own arguments: the deployments table, Prometheus, and serve's queries."""
+    from canaryml.cli import compose
+    from canaryml.data.contract import read_deployments
+    from canaryml.ingest.prometheus import render
+
+    pod = _retrain_pod()
+    (c,) = pod["containers"]
+    volume = next(v for v in pod["volumes"] if "configMap" in v)
+    mount = next(m for m in c["volumeMounts"] if m["name"] == volume["name"])
+    data = _one("ConfigMap", volume["configMap"]["name"])["data"]
+    root = tmp_path / mount["mountPath"].lstrip("/")
+    for item in volume["configMap"]["items"]:
+        (root / item["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (root / item["path"]).write_text(data[item["key"]])
+    script = " ".join(c["args"])
+    ingest = re.search(r"canaryml ingest (.*?) &&", script)
+    assert ingest is not None, script
+    args = [a.replace("file:///etc/canaryml", f"file://{root}") for a in ingest.group(1).split()]
+    assert "source=prometheus" in args
+    cfg = compose("ingest", [a for a in args if not a.startswith("out=")])
+    prom = cfg.ingest.prometheus
+    table = Path(str(prom.deployments_file).replace(mount["mountPath"], str(root)))
+    assert table.is_file()
+    deps = read_deployments(table)
+    assert len(deps) >= 1 and {"deployment_id", "service", "start", "end"} <= set(deps.columns)
+    # every catalog metric, with the controller's queries: the retrained model can be served
+    assert dict(prom.queries) == dict(cfg.serve.source.prometheus.queries)
+    assert set(prom.queries) == set(cfg.metrics)
+    assert "{service}" in prom.selectors.canary and render(prom.queries.latency_p99, "x")
 
 
 def test_network_policy_admits_only_the_callers_on_the_http_port() -> None:
