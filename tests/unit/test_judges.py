@@ -106,3 +106,26 @@ def test_mann_whitney_p_value_equals_scipy_asymptotic_with_continuity() -> None:
         want = mannwhitneyu(x, y, alternative="two-sided", method="asymptotic",
                             use_continuity=True).pvalue
         assert mann_whitney(x, y).p_value == pytest.approx(min(1.0, want), abs=1e-12)
+
+
+def test_batched_mann_whitney_equals_the_scalar_test_bit_for_bit() -> None:
+    from canaryml.control.kayenta import mann_whitney_batch, mann_whitney_test, mann_whitney_tests
+
+    rng = np.random.default_rng(3)
+    pairs, items = [], []
+    for i in range(400):
+        nx, ny = (int(v) for v in rng.integers(1, 25, 2))
+        if i % 3 == 0:  # continuous
+            x, y = rng.normal(0, 1, nx), rng.normal(rng.normal(0, 1), 1, ny)
+        elif i % 3 == 1:  # discretised: many ties, exact zero differences
+            x, y = np.round(rng.normal(5, 2, nx)), np.round(rng.normal(5 + rng.integers(-2, 3), 2, ny))
+        else:  # small rates like error_rate
+            x, y = rng.gamma(2, 0.002, nx), rng.gamma(2, 0.002 * rng.uniform(0.5, 3), ny)
+        x[rng.random(nx) < 0.1] = np.nan
+        items.append((f"m{i}", x, y, Direction.BOTH))
+        xf, yf = x[np.isfinite(x)], y[np.isfinite(y)]
+        if len(xf) and np.unique(np.concatenate([xf, yf])).size > 1:
+            pairs.append((xf, yf))
+    assert mann_whitney_batch(pairs, 0.98) == [mann_whitney(x, y, 0.98) for x, y in pairs]
+    cfg = KayentaConfig(tolerance=0.1)
+    assert mann_whitney_tests(items, cfg) == [mann_whitney_test(*it, cfg) for it in items]

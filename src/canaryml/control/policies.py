@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -28,6 +28,7 @@ from canaryml.control.kayenta import (
     KayentaConfig,
     MetricResult,
     mann_whitney_test,
+    mann_whitney_tests,
     summary_score,
     with_effect_size,
 )
@@ -240,20 +241,64 @@ class KayentaJudge:
     def initial_state(self) -> PolicyState:
         return self.rollback.initial_state()
 
+    def _key(self, window: Window, x: np.ndarray, y: np.ndarray, metric: str
+             ) -> tuple[str, float, float, str, int]:
+        c = self.config
+        return (window.deployment_id, float(window.now_s), float(self.interval_s), metric,
+                hash((x.tobytes(), y.tobytes(), c.confidence, c.tolerance)))
+
+    def _remember(self, key: tuple[str, float, float, str, int], result: MetricResult) -> None:
+        self.test_cache[key] = result
+        while len(self.test_cache) > self.cache_size:
+            self.test_cache.popitem(last=False)
+
     def _test(self, window: Window, rows: np.ndarray, j: int) -> MetricResult:
         metric = window.metrics[j]
         assert window.baseline is not None
         x, y = window.canary[rows, j], window.baseline[rows, j]
-        c = self.config
-        key = (window.deployment_id, float(window.now_s), float(self.interval_s), metric,
-               hash((x.tobytes(), y.tobytes(), c.confidence, c.tolerance)))
+        key = self._key(window, x, y, metric)
         hit = self.test_cache.get(key)
         if hit is None:
-            hit = mann_whitney_test(metric, x, y, self.catalog.get(metric).direction, c)
-            self.test_cache[key] = hit
-            while len(self.test_cache) > self.cache_size:
-                self.test_cache.popitem(last=False)
+            hit = mann_whitney_test(metric, x, y, self.catalog.get(metric).direction, self.config)
+            self._remember(key, hit)
         return hit
+
+    def _judged(self, window: Window) -> list[int]:
+        return [j for j, m in enumerate(window.metrics) if self.metrics is None or m in self.metrics]
+
+    def schedule(self, ticks: Sequence[float]) -> list[float]:
+        """The ticks at which `step` judges an interval when every tick has data: the first
+        tick `interval_s` after the first, then each tick `interval_s` after the last judged."""
+        out: list[float] = []
+        if not len(ticks):
+            return out
+        last = None
+        for now in ticks:
+            if (now - ticks[0] >= self.interval_s if last is None
+                    else now - last >= self.interval_s):
+                out.append(float(now))
+                last = now
+        return out
+
+    def prefetch(self, windows: Sequence[Window]) -> None:
+        """Test every judged metric of `windows` (a deployment's intervals, see `schedule`) in
+        one vectorised batch into the test cache. A cache only: `judge` uses a result where
+        its own window holds the same data, and tests anything else itself."""
+        keys, items = [], []
+        for w in windows:
+            if w.baseline is None:
+                continue
+            rows = _recent(w, self.interval_s)
+            for j in self._judged(w):
+                metric = w.metrics[j]
+                x, y = w.canary[rows, j], w.baseline[rows, j]
+                key = self._key(w, x, y, metric)
+                if key not in self.test_cache:
+                    keys.append(key)
+                    items.append((metric, x, y, self.catalog.get(metric).direction))
+        for key, result in zip(keys, mann_whitney_tests(items, self.config), strict=True):
+            self._remember(key, result)
+
 
     def judge(self, window: Window) -> tuple[float, dict[str, Any]]:
         """Kayenta score 0..100 of the last interval and the per-metric classifications."""
@@ -262,9 +307,8 @@ class KayentaJudge:
         rows = _recent(window, self.interval_s)
         results = []
         groups = {}
-        for j, metric in enumerate(window.metrics):
-            if self.metrics is not None and metric not in self.metrics:
-                continue
+        for j in self._judged(window):
+            metric = window.metrics[j]
             groups[metric] = str(self.catalog.get(metric).kind)
             results.append(with_effect_size(self._test(window, rows, j), self.config))
         if not results:

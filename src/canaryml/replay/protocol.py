@@ -333,7 +333,7 @@ def _better(a: Mapping[str, Any], b: Mapping[str, Any] | None) -> bool:
 def calibrate(ds: CanonicalDataset, names: Sequence[str], base: Mapping[str, dict[str, Any]],
               builder: PolicyBuilder, space: CalibrationSpace, target_frr: float,
               thresholds: np.ndarray, *, horizon_s: float | None = None,
-              progress: bool = True) -> dict[str, Tuned]:
+              progress: bool = True, workers: int | None = None) -> dict[str, Tuned]:
     """Choose every policy's settings on the labelled calibration corpus `ds` (step 1)."""
     deps = deployment_table(ds)
     candidates: list[tuple[str, dict[str, Any], ReplayPolicy]] = []
@@ -345,7 +345,8 @@ def calibrate(ds: CanonicalDataset, names: Sequence[str], base: Mapping[str, dic
     log.info("calibration: %d configurations of %d policies on %d deployments", len(candidates),
              len(names), len(deps))
     result = replay(ds, [rp for _, _, rp in candidates], interval_s=builder.pcfg.monitoring_interval_s,
-                    deployments=deps, horizon_s=horizon_s, progress=progress, decide=False)
+                    deployments=deps, horizon_s=horizon_s, progress=progress, decide=False,
+                    workers=workers)
     best: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     tried: dict[str, int] = dict.fromkeys(names, 0)
     for name, s, rp in candidates:
@@ -446,7 +447,7 @@ class Evaluation:
 def evaluate_blind(datasets: Sequence[tuple[str, CanonicalDataset]],
                    make_policies: Callable[[CanonicalDataset], list[ReplayPolicy]],
                    interval_s: float, *, horizon_s: float | None = None,
-                   progress: bool = True) -> list[Evaluation]:
+                   progress: bool = True, workers: int | None = None) -> list[Evaluation]:
     """Step 2: replay every evaluation corpus with its labels hidden; read the labels after the
     last replay (the only place this module reads evaluation labels)."""
     runs = []
@@ -454,7 +455,8 @@ def evaluate_blind(datasets: Sequence[tuple[str, CanonicalDataset]],
         truth_free = blind(deployment_table(ds))
         policies = make_policies(ds)
         runs.append((name, ds, replay(ds, policies, interval_s=interval_s, deployments=truth_free,
-                                      horizon_s=horizon_s, progress=progress)))
+                                      horizon_s=horizon_s, progress=progress,
+                                      workers=workers)))
     return [Evaluation(name, ds, res, deployment_table(ds)) for name, ds, res in runs]
 
 

@@ -12,11 +12,15 @@ RollbackPolicy never acts.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import multiprocessing as mp
+import os
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -24,10 +28,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from canaryml.control.controller import Controller, LogRecord, MemoryLog
+from canaryml.control.controller import Controller, LogRecord, MemoryLog, trim_before
 from canaryml.control.policies import Policy, ScorerPolicy
 from canaryml.control.policy import RollbackPolicy
-from canaryml.control.types import Scorer
+from canaryml.control.types import Scorer, Window
 from canaryml.data.dataset import CanonicalDataset, DeploymentArrays
 from canaryml.replay.evaluate import ROLLED_BACK, ScoreHistory
 from canaryml.replay.sim import RecordingActuator, ReplaySource, SeriesScorer, SimulatedClock
@@ -57,7 +61,8 @@ class ReplayResult:
     ticks: int = 0
     wall_s: float = 0.0
     simulated_s: float = 0.0
-    per_policy_wall_s: dict[str, float] = field(default_factory=dict)
+    per_policy_wall_s: dict[str, float] = field(default_factory=dict)  # summed over workers
+    workers: int = 1
 
 
 def _epoch_s(col: pd.Series) -> np.ndarray:
@@ -129,18 +134,63 @@ def _outcome(deployment_id: str, policy: str, recs: list[LogRecord]) -> dict[str
     }
 
 
-def replay(dataset: CanonicalDataset | dict[str, DeploymentArrays], policies: Sequence[ReplayPolicy],
-           *, interval_s: float, deployments: pd.DataFrame | None = None,
-           horizon_s: float | None = None, progress: bool = True, decide: bool = True
-           ) -> ReplayResult:
-    """Replay all deployments for every policy (see module docstring). `decide=False` records
-    only the score histories (what calibration sweeps): no decisions, no outcomes."""
-    deps = deployments if deployments is not None else deployment_table(dataset)  # type: ignore[arg-type]
+def default_workers() -> int:
+    """Processes for replay: the cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class _LogLines:
+    """A tqdm `file` for logs and CI: each refresh becomes one log line (no carriage returns),
+    none repeated for the same count (tqdm refreshes once more on close)."""
+
+    def __init__(self) -> None:
+        self._last = ""
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        count = re.search(r"\d+/\d+", line)
+        key = count[0] if count else line
+        if line and key != self._last:
+            self._last = key
+            log.info("%s", line)
+
+    def flush(self) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str, *, enabled: bool = True, unit: str = "dep") -> Any:
+    """A tqdm bar: live in a terminal; in logs and CI one plain log line every 10 % (and at the
+    end) instead of carriage-return updates that pile up in one line."""
+    tty = sys.stderr.isatty()
+    if tty:
+        return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, mininterval=0.2,
+                    file=sys.stderr)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, ascii=True,
+                file=_LogLines(), mininterval=0.0, miniters=max(1, total // 10), ncols=80)
+
+
+@dataclass
+class _Plan:
+    """Everything a replay worker needs, built once in the parent (a forked worker inherits it)."""
+
+    source: ReplaySource
+    policies: Sequence[ReplayPolicy]
+    ctrls: dict[str, tuple[Controller, Controller | None, SeriesScorer | None]]
+    interval_s: float
+    horizon_s: float | None
+    decide: bool
+
+
+_PLAN: _Plan | None = None  # set in the parent right before the worker processes fork
+
+
+def _build_plan(dataset: CanonicalDataset | dict[str, DeploymentArrays],
+                policies: Sequence[ReplayPolicy], interval_s: float, horizon_s: float | None,
+                decide: bool) -> _Plan:
     source = ReplaySource(dataset)
-    ids = deps["deployment_id"].tolist()
-    all_records: list[LogRecord] = []
-    outcomes: list[dict[str, Any]] = []
-    histories: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {p.name: [] for p in policies}
     ctrls: dict[str, tuple[Controller, Controller | None, SeriesScorer | None]] = {}
     for rp in policies:
         series = None
@@ -152,63 +202,183 @@ def replay(dataset: CanonicalDataset | dict[str, DeploymentArrays], policies: Se
             pol = replace(pol, scorer=series)
         main = Controller(pol, source, RecordingActuator(), MemoryLog(),
                           model_version=getattr(rp.policy, "model_version", None))
-        shadow = None if series is not None else Controller(_never_acting(pol), source, log_sink=_Discard())
+        shadow = None if series is not None else Controller(_never_acting(pol), source,
+                                                            log_sink=_Discard())
         ctrls[rp.name] = (main, shadow, series)
-    wall: dict[str, float] = {p.name: 0.0 for p in policies}
-    n_ticks = 0
-    simulated = 0.0
+    return _Plan(source, policies, ctrls, interval_s, horizon_s, decide)
+
+
+def _window(ctrl: Controller, arrays: DeploymentArrays, now: float) -> Window:
+    """The window `ctrl.step` fetches at `now` (rows before the first sample dropped)."""
+    w = ctrl.source.fetch(arrays.deployment_id, now, ctrl.lookback)
+    has = np.isfinite(arrays.canary).any(axis=1)
+    if arrays.baseline is not None:
+        has |= np.isfinite(arrays.baseline).any(axis=1)
+    return trim_before(w, float(arrays.timestamps_s[int(np.argmax(has))])) if has.any() else w
+
+
+def _prefetch(rp: ReplayPolicy, ctrl: Controller, arrays: DeploymentArrays,
+              ticks: list[float]) -> None:
+    """Let a judge compute its statistics for a whole deployment at once (Kayenta: every
+    interval's Mann-Whitney tests in one vectorised batch). Only a cache: the per-tick steps
+    below use a prefetched result only where their window's data is the same."""
+    pol: Any = rp.policy
+    if not hasattr(pol, "prefetch"):
+        return
+    windows = []
+    for now in pol.schedule(ticks):
+        try:
+            windows.append(_window(ctrl, arrays, now))
+        except Exception:  # the step will meet (and report) the same failure
+            continue
+    pol.prefetch(windows)
+
+
+def _series(scorer: Any, arrays: DeploymentArrays) -> tuple[np.ndarray, np.ndarray | None]:
+    """A deployment's per-row scores (one batched pass) and breach probabilities (None when
+    the scorer has no breach predictor)."""
+    if hasattr(scorer, "score_series_components"):
+        comps = scorer.score_series_components(arrays)
+        prob = comps.get("breach_probability")
+        if prob is not None and not np.isfinite(prob).any():
+            prob = None
+        return comps["score"], prob
+    return scorer.score_series(arrays), None
+
+
+def _replay_deployment(dep_id: str) -> dict[str, Any]:
+    """Every policy on one deployment (in a worker process or in the caller)."""
+    plan = _PLAN
+    assert plan is not None
+    arrays = plan.source.arrays(dep_id)
+    ts = arrays.timestamps_s
+    end = float(ts[-1]) if plan.horizon_s is None else min(float(ts[-1]),
+                                                          float(ts[0]) + plan.horizon_s)
+    ticks = list(SimulatedClock(float(ts[0]), end, plan.interval_s))
+    out: dict[str, Any] = {"simulated": end - float(ts[0]), "ticks": ticks, "policies": {}}
+    for rp in plan.policies:
+        t0 = time.perf_counter()
+        main, shadow, series = plan.ctrls[rp.name]
+        predicted = None
+        if series is not None:
+            full, prob = _series(rp.full_scorer, arrays)
+            if prob is None:
+                series.load(dep_id, ts, full)
+            else:  # the breach predictor's probabilities ride along (predictive rule)
+                series.load(dep_id, ts, full, prob)  # type: ignore[call-arg]
+            idx = np.searchsorted(ts, np.asarray(ticks), side="right") - 1
+            hist = np.where(idx >= 0, full[np.clip(idx, 0, None)], np.nan)
+            if prob is not None:
+                predicted = np.where(idx >= 0, prob[np.clip(idx, 0, None)], np.nan)
+        else:
+            assert shadow is not None
+            _prefetch(rp, shadow, arrays, ticks)
+            hist = np.array([np.nan if r.score is None else r.score
+                             for r in (shadow.step(dep_id, now) for now in ticks)], float)
+        recs: list[LogRecord] = []
+        outcome = None
+        if plan.decide:
+            recs = replay_deployment(main, dep_id, ticks)
+            if series is not None and rp.full_scorer is not None:
+                recs = _with_reasons(recs, rp.full_scorer, plan.source)
+            outcome = _outcome(dep_id, rp.name, recs)
+        out["policies"][rp.name] = {"records": recs, "outcome": outcome, "history": hist,
+                                    "predicted": predicted, "wall_s": time.perf_counter() - t0}
+    return out
+
+
+def _worker_init() -> None:
+    """One intra-op thread per worker process: the processes are the parallelism (several torch
+    threads per process on a busy machine spin against each other)."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Score with one intra-op thread in the caller too, so that scores (float rounding of the
+    network's reductions) are the same for any number of workers or shards."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def replay(dataset: CanonicalDataset | dict[str, DeploymentArrays], policies: Sequence[ReplayPolicy],
+           *, interval_s: float, deployments: pd.DataFrame | None = None,
+           horizon_s: float | None = None, progress: bool = True, decide: bool = True,
+           workers: int | None = None) -> ReplayResult:
+    """Replay all deployments for every policy (see module docstring). `decide=False` records
+    only the score histories (what calibration sweeps): no decisions, no outcomes. `workers`
+    processes (default: the cores available) replay deployments in parallel; the result is the
+    same for any number of workers (deployments are independent and merged in order)."""
+    global _PLAN
+    deps = deployments if deployments is not None else deployment_table(dataset)  # type: ignore[arg-type]
+    ids = deps["deployment_id"].tolist()
+    n_workers = max(1, min(default_workers() if workers is None else int(workers), len(ids)))
     decision_logger = logging.getLogger("canaryml.decision")
     old_level = decision_logger.level
     decision_logger.setLevel(logging.WARNING)  # one line per decision is for the live loop
     t_start = time.perf_counter()
+    per_dep: list[dict[str, Any]] = []
+    _PLAN = _build_plan(dataset, policies, interval_s, horizon_s, decide)
     try:
-        # in a terminal a live bar; in logs and CI one line every 30 s instead of silence
-        tty = sys.stderr.isatty()
-        bar = tqdm(ids, desc="replay" if decide else "calibration replay", unit="dep",
-                   disable=not progress, mininterval=0.1 if tty else 30.0,
-                   ascii=not tty, file=sys.stderr)
-        for dep_id in bar:
-            arrays = source.arrays(dep_id)
-            ts = arrays.timestamps_s
-            end = float(ts[-1]) if horizon_s is None else min(float(ts[-1]),
-                                                              float(ts[0]) + horizon_s)
-            ticks = list(SimulatedClock(float(ts[0]), end, interval_s))
-            simulated += end - float(ts[0])
-            for rp in policies:
-                t0 = time.perf_counter()
-                main, shadow, series = ctrls[rp.name]
-                if series is not None:
-                    full = rp.full_scorer.score_series(arrays)  # type: ignore[union-attr]
-                    series.load(dep_id, ts, full)
-                    idx = np.searchsorted(ts, np.asarray(ticks), side="right") - 1
-                    hist = np.where(idx >= 0, full[np.clip(idx, 0, None)], np.nan)
-                else:
-                    assert shadow is not None
-                    hist = np.array([np.nan if r.score is None else r.score
-                                     for r in (shadow.step(dep_id, now) for now in ticks)], float)
-                if decide:
-                    recs = replay_deployment(main, dep_id, ticks)
-                    n_ticks += len(recs)
-                    if series is not None and rp.full_scorer is not None:
-                        recs = _with_reasons(recs, rp.full_scorer, source)
-                    all_records.extend(recs)
-                    outcomes.append(_outcome(dep_id, rp.name, recs))
-                histories[rp.name].append((np.asarray(ticks, float), hist))
-                wall[rp.name] += time.perf_counter() - t0
+        with _one_torch_thread(), progress_bar(
+                len(ids), "replay" if decide else "calibration replay", enabled=progress) as bar:
+            if n_workers > 1 and "fork" in mp.get_all_start_methods():
+                # forked workers inherit the plan (policies, scorers, dataset handle): nothing
+                # is pickled on the way in, only each deployment's results on the way back
+                ctx = mp.get_context("fork")
+                with ctx.Pool(n_workers, initializer=_worker_init) as pool:
+                    for res in pool.imap(_replay_deployment, ids, chunksize=1):
+                        per_dep.append(res)
+                        bar.update(1)
+            else:
+                for dep_id in ids:
+                    per_dep.append(_replay_deployment(dep_id))
+                    bar.update(1)
     finally:
+        _PLAN = None
         decision_logger.setLevel(old_level)
     total = time.perf_counter() - t_start
+    all_records: list[LogRecord] = []
+    outcomes: list[dict[str, Any]] = []
+    wall: dict[str, float] = {p.name: 0.0 for p in policies}
+    n_ticks = 0
+    for res in per_dep:
+        for rp in policies:
+            r = res["policies"][rp.name]
+            all_records.extend(r["records"])
+            n_ticks += len(r["records"])
+            if r["outcome"] is not None:
+                outcomes.append(r["outcome"])
+            wall[rp.name] += r["wall_s"]
     packed = {}
-    for name, hs in histories.items():
-        T = max((len(t) for t, _ in hs), default=0)
-        times = np.full((len(hs), T), np.nan)
-        scores = np.full((len(hs), T), np.nan)
-        for i, (t, s) in enumerate(hs):
-            times[i, :len(t)], scores[i, :len(s)] = t, s
-        packed[name] = ScoreHistory(tuple(ids), times, scores)
+    T = max((len(r["ticks"]) for r in per_dep), default=0)
+    for rp in policies:
+        times = np.full((len(per_dep), T), np.nan)
+        scores = np.full((len(per_dep), T), np.nan)
+        pred = np.full((len(per_dep), T), np.nan)
+        has_pred = False
+        for i, res in enumerate(per_dep):
+            r = res["policies"][rp.name]
+            t, h = res["ticks"], r["history"]
+            times[i, :len(t)], scores[i, :len(h)] = t, h
+            if r["predicted"] is not None:
+                pred[i, :len(t)] = r["predicted"]
+                has_pred = True
+        extra = {"predicted": pred} if has_pred else {}
+        packed[rp.name] = ScoreHistory(tuple(ids), times, scores, **extra)
     return ReplayResult(pd.DataFrame(outcomes), all_records, packed, deps.reset_index(drop=True),
-                        ticks=n_ticks, wall_s=total, simulated_s=simulated,
-                        per_policy_wall_s=wall)
+                        ticks=n_ticks, wall_s=total,
+                        simulated_s=float(sum(r["simulated"] for r in per_dep)),
+                        per_policy_wall_s=wall, workers=n_workers)
 
 
 def _with_reasons(recs: list[LogRecord], scorer: Scorer, source: ReplaySource) -> list[LogRecord]:

@@ -90,7 +90,8 @@ def run(cfg: DictConfig) -> int:
         builder = PolicyBuilder(cds.catalog, tuple(cds.metrics), float(cds.step_s), pcfg,
                                 scorers, models, versions)
         tuned = calibrate(cds, names, base, builder, CalibrationSpace.from_mapping(cal),
-                          float(cal["target_frr"]), thresholds, horizon_s=rc.get("horizon_s"))
+                          float(cal["target_frr"]), thresholds, horizon_s=rc.get("horizon_s"),
+                          workers=rc.get("workers"))
     settings = {n: (tuned[n].settings if tuned else base[n]) for n in names}
 
     def make(ds: CanonicalDataset) -> list[ReplayPolicy]:
@@ -98,7 +99,8 @@ def run(cfg: DictConfig) -> int:
                           versions)
         return [b.build(n, settings[n]) for n in names]
 
-    evals = evaluate_blind(datasets, make, pcfg.monitoring_interval_s, horizon_s=rc.get("horizon_s"))
+    evals = evaluate_blind(datasets, make, pcfg.monitoring_interval_s, horizon_s=rc.get("horizon_s"),
+                           workers=rc.get("workers"))
     # ---- labels are read from here on ----
     policies = make(first)
     frr_targets = list(rc["sweep"]["frr_targets"])
