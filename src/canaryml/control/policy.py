@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
@@ -182,7 +182,9 @@ class PolicyState:
     errors: int = 0  # fail-safe ticks in a row (consecutive_error_limit)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        # every field is a plain value: a flat copy equals `asdict` at a fraction of its cost
+        # (the controller takes one per step)
+        d = {f.name: getattr(self, f.name) for f in _STATE_FIELDS}
         d["final"] = None if self.final is None else str(self.final)
         return d
 
@@ -192,6 +194,9 @@ class PolicyState:
         if d.get("final") is not None:
             d["final"] = Action(d["final"])
         return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
+
+
+_STATE_FIELDS = fields(PolicyState)
 
 
 @dataclass(frozen=True)
