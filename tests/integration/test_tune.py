@@ -200,8 +200,7 @@ def test_two_workers_share_one_journal_and_budget(mlflow_uri: str, corpus: Path,
     assert len(numbers) == len(set(numbers)) == numbers[-1] + 1  # no duplicate numbers
     done = [t for t in trials if t.state in FINISHED]
     assert len(done) == 5  # the budget is shared: exactly n_trials, never more
-    others = [t for t in trials if t.state not in FINISHED]
-    assert all(t.state == TrialState.FAIL and t.user_attrs.get("over_budget") for t in others)
+    assert len(trials) == 5  # asked under the journal's lock: no trial beyond it was created
     # every trial (of either worker) is nested under the one shared parent run
     client = MlflowClient(mlflow_uri)
     parent = study.user_attrs["mlflow_parent_run_id"]

@@ -3,6 +3,7 @@ study in a PostgreSQL started by the test, MLflow on the same server (tracking +
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def test_two_workers_share_one_study_and_budget_on_postgres(
     assert ran_by == {"0", "1"}, ran_by  # both workers took trials of the one study
 
     # MLflow in the same PostgreSQL: one parent run, one nested run per trial, from both workers
-    client = MlflowClient(mlflow_uri)
+    client = MlflowClient(mlflow_uri, registry_uri=mlflow_uri)
     parent = study.user_attrs["mlflow_parent_run_id"]
     exp = client.get_run(parent).info.experiment_id
     runs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
@@ -69,3 +70,9 @@ def test_two_workers_share_one_study_and_budget_on_postgres(
         assert by_trial[t.number].data.tags["optuna.state"] == t.state.name
     studies = client.search_runs([exp], "tags.`canaryml.kind` = 'study'")
     assert [r.info.run_id for r in studies] == [parent]  # the loser of the parent race deleted
+    # both workers finish by deciding on @challenger, one after the other under the study's
+    # lock: one version at most, never one per worker
+    summary = json.loads((tmp_path / "study" / "best.json").read_text())
+    assert summary["register_decision"]
+    versions = client.search_model_versions("name='canary-scorer'")
+    assert len(versions) == (1 if summary["registered"] else 0)
