@@ -94,7 +94,8 @@ def fit_forecaster(module: Forecaster, train: WindowDataset, val: WindowDataset 
                          logger=logger or CSVLogger(str(work_dir), name="lightning"),
                          enable_progress_bar=progress_bar, enable_model_summary=False,
                          default_root_dir=str(work_dir), num_sanity_val_steps=0,
-                         log_every_n_steps=10)
+                         # ≤ the batches of one epoch: Lightning warns on every small fit else
+                         log_every_n_steps=max(1, min(10, len(train_dl))))
     t0 = time.perf_counter()
     trainer.fit(module, train_dl, val_dl)
     epochs = max(trainer.current_epoch, 1)
