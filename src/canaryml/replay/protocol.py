@@ -44,7 +44,13 @@ from canaryml.replay.evaluate import (
     operating_point,
     sweep_table,
 )
-from canaryml.replay.runner import ReplayPolicy, ReplayResult, deployment_table, replay
+from canaryml.replay.runner import (
+    ReplayPolicy,
+    ReplayResult,
+    deployment_table,
+    replay,
+    shard_of,
+)
 
 log = logging.getLogger(__name__)
 SCORER_VARIANTS: dict[str, float | None] = {"scorer": None, "scorer_forecast": 1.0,
@@ -447,17 +453,20 @@ class Evaluation:
 def evaluate_blind(datasets: Sequence[tuple[str, CanonicalDataset]],
                    make_policies: Callable[[CanonicalDataset], list[ReplayPolicy]],
                    interval_s: float, *, horizon_s: float | None = None,
-                   progress: bool = True, workers: int | None = None) -> list[Evaluation]:
+                   progress: bool = True, workers: int | None = None,
+                   shard: tuple[int, int] | None = None) -> list[Evaluation]:
     """Step 2: replay every evaluation corpus with its labels hidden; read the labels after the
-    last replay (the only place this module reads evaluation labels)."""
+    last replay (the only place this module reads evaluation labels). `shard` (index, count):
+    only that shard's deployments of each corpus (`shard_of`)."""
     runs = []
     for name, ds in datasets:
-        truth_free = blind(deployment_table(ds))
+        truth_free = blind(shard_of(deployment_table(ds), shard))
         policies = make_policies(ds)
         runs.append((name, ds, replay(ds, policies, interval_s=interval_s, deployments=truth_free,
                                       horizon_s=horizon_s, progress=progress,
                                       workers=workers)))
-    return [Evaluation(name, ds, res, deployment_table(ds)) for name, ds, res in runs]
+    return [Evaluation(name, ds, res, shard_of(deployment_table(ds), shard))
+            for name, ds, res in runs]
 
 
 def pooled_metrics(evals: Sequence[Evaluation], policy: str, *, n_boot: int, seed: int

@@ -87,6 +87,32 @@ def deployment_table(ds: CanonicalDataset) -> pd.DataFrame:
     })
 
 
+def shard_of(deps: pd.DataFrame, shard: tuple[int, int] | None) -> pd.DataFrame:
+    """The deployments of shard `(index, count)`: every `count`-th row of the deployment table
+    from row `index` (deterministic for a dataset; all of them for None)."""
+    if shard is None:
+        return deps
+    index, count = shard
+    return deps.iloc[index::count].reset_index(drop=True)
+
+
+def parse_shard(spec: object) -> tuple[int, int] | None:
+    """`i/n` (0 ≤ i < n) → (i, n); None or empty → None."""
+    from canaryml.errors import ConfigError
+
+    if spec is None or str(spec).strip() == "":
+        return None
+    parts = str(spec).split("/")
+    try:
+        index, count = (int(p) for p in parts)
+    except ValueError:
+        index, count = -1, 0
+    if len(parts) != 2 or count < 1 or not 0 <= index < count:
+        raise ConfigError(f"shard={spec!r}: use shard=i/n with 0 <= i < n, e.g. shard=0/4 (in a "
+                          "Kubernetes indexed Job: shard=$JOB_COMPLETION_INDEX/<completions>)")
+    return index, count
+
+
 class _Discard:
     """Decision sink of the shadow runs: their per-tick scores are kept, their records are not."""
 
@@ -379,6 +405,44 @@ def replay(dataset: CanonicalDataset | dict[str, DeploymentArrays], policies: Se
                         ticks=n_ticks, wall_s=total,
                         simulated_s=float(sum(r["simulated"] for r in per_dep)),
                         per_policy_wall_s=wall, workers=n_workers)
+
+
+def merge_results(parts: Sequence[ReplayResult], deployments: pd.DataFrame) -> ReplayResult:
+    """Shards' results of one corpus as the single run's: outcomes, records and histories in
+    the order of `deployments` (the corpus's blind deployment table)."""
+    ids = deployments["deployment_id"].tolist()
+    pos = {d: i for i, d in enumerate(ids)}
+    names = list(parts[0].histories)
+    rank = {n: i for i, n in enumerate(names)}
+    outcomes = pd.concat([p.outcomes for p in parts if len(p.outcomes)], ignore_index=True)
+    if len(outcomes):
+        key = (outcomes["deployment_id"].map(pos) * len(names)
+               + outcomes["policy"].map(rank)).to_numpy()
+        outcomes = outcomes.iloc[np.argsort(key, kind="stable")].reset_index(drop=True)
+    records = sorted((r for p in parts for r in p.records), key=lambda r: pos[r.deployment_id])
+    histories = {}
+    T = max(p.histories[n].times_s.shape[1] for p in parts for n in names)
+    for n in names:
+        times = np.full((len(ids), T), np.nan)
+        scores = np.full((len(ids), T), np.nan)
+        pred = np.full((len(ids), T), np.nan)
+        has_pred = False
+        for p in parts:
+            h = p.histories[n]
+            rows = [pos[d] for d in h.deployment_ids]
+            times[rows, :h.times_s.shape[1]] = h.times_s
+            scores[rows, :h.scores.shape[1]] = h.scores
+            hp = getattr(h, "predicted", None)
+            if hp is not None:
+                pred[rows, :hp.shape[1]] = hp
+                has_pred = True
+        extra = {"predicted": pred} if has_pred else {}
+        histories[n] = ScoreHistory(tuple(ids), times, scores, **extra)
+    wall = {n: sum(p.per_policy_wall_s.get(n, 0.0) for p in parts) for n in names}
+    return ReplayResult(outcomes, records, histories, deployments.reset_index(drop=True),
+                        ticks=sum(p.ticks for p in parts), wall_s=sum(p.wall_s for p in parts),
+                        simulated_s=sum(p.simulated_s for p in parts), per_policy_wall_s=wall,
+                        workers=max(p.workers for p in parts))
 
 
 def _with_reasons(recs: list[LogRecord], scorer: Scorer, source: ReplaySource) -> list[LogRecord]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -19,10 +21,14 @@ from canaryml.data.atomic import atomic_outputs, atomic_write_json, json_marker
 from canaryml.data.dataset import CanonicalDataset
 from canaryml.errors import ConfigError
 from canaryml.replay import report
+from canaryml.replay.details import false_rollbacks, model_version, native_threshold
 from canaryml.replay.evaluate import ScoreHistory, operating_point, sweep_table
 from canaryml.replay.protocol import (
     CalibrationSpace,
+    Evaluation,
     PolicyBuilder,
+    Tuned,
+    blind,
     breakpoints,
     calibrate,
     configured_settings,
@@ -33,7 +39,13 @@ from canaryml.replay.protocol import (
     per_group,
     pooled_metrics,
 )
-from canaryml.replay.runner import ReplayPolicy, ReplayResult
+from canaryml.replay.runner import (
+    ReplayPolicy,
+    ReplayResult,
+    deployment_table,
+    merge_results,
+    parse_shard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +78,9 @@ def run(cfg: DictConfig) -> int:
         return _run_pointwise(cfg, rc)
     if not cfg.out:
         raise ConfigError("replay needs out=DIR for decisions.parquet, summary.json and the report")
+    if cfg.get("merge"):
+        return _run_merge(cfg)
+    shard = parse_shard(cfg.get("shard"))
     t0 = time.perf_counter()
     datasets = _datasets(OmegaConf.to_container(cfg.dataset) if OmegaConf.is_list(cfg.dataset)
                          else cfg.dataset)
@@ -80,6 +95,7 @@ def run(cfg: DictConfig) -> int:
     thresholds = np.linspace(0.0, 1.0, int(rc["sweep"]["thresholds"]))
     cal = rc["calibration"]
     tuned = None
+    cal_info = None
     if cal.get("dataset"):
         cds = CanonicalDataset(str(cal["dataset"]))
         clash = [n for n, d in datasets if d.content_hash == cds.content_hash]
@@ -92,18 +108,42 @@ def run(cfg: DictConfig) -> int:
         tuned = calibrate(cds, names, base, builder, CalibrationSpace.from_mapping(cal),
                           float(cal["target_frr"]), thresholds, horizon_s=rc.get("horizon_s"),
                           workers=rc.get("workers"))
+        cal_info = {"path": str(cal["dataset"]), "content_hash": cds.content_hash,
+                    "target_frr": float(cal["target_frr"])}
     settings = {n: (tuned[n].settings if tuned else base[n]) for n in names}
+    make = _maker(pcfg, scorers, models, versions, names, settings)
+    evals = evaluate_blind(datasets, make, pcfg.monitoring_interval_s, horizon_s=rc.get("horizon_s"),
+                           workers=rc.get("workers"), shard=shard)
+    if shard is not None:
+        _write_shard(cfg, shard, datasets, evals, settings, tuned, cal_info)
+        log.info("replay shard %d/%d wrote %s in %.1f s", *shard, cfg.out, time.perf_counter() - t0)
+        return 0
+    _finish(cfg, rc, datasets, evals, make(first), settings, tuned, cal_info, versions)
+    log.info("replay wrote %s in %.1f s", cfg.out, time.perf_counter() - t0)
+    return 0
 
+
+def _maker(pcfg: PolicyConfig, scorers: dict[str, Any], models: dict[str, str],
+           versions: dict[str, str], names: list[str], settings: dict[str, dict[str, Any]]
+           ) -> Callable[[CanonicalDataset], list[ReplayPolicy]]:
     def make(ds: CanonicalDataset) -> list[ReplayPolicy]:
         b = PolicyBuilder(ds.catalog, tuple(ds.metrics), float(ds.step_s), pcfg, scorers, models,
                           versions)
         return [b.build(n, settings[n]) for n in names]
 
-    evals = evaluate_blind(datasets, make, pcfg.monitoring_interval_s, horizon_s=rc.get("horizon_s"),
-                           workers=rc.get("workers"))
+    return make
+
+
+def _finish(cfg: DictConfig, rc: dict[str, Any], datasets: list[tuple[str, CanonicalDataset]],
+            evals: list[Evaluation], policies: list[ReplayPolicy],
+            settings: dict[str, dict[str, Any]], tuned: dict[str, Tuned] | None,
+            cal_info: dict[str, Any] | None, versions: dict[str, str]) -> None:
+    """Metrics, summary.json, decisions, report and MLflow run from the evaluation replays (one
+    run, or the shards of one run merged: the same code, so the same summary)."""
     # ---- labels are read from here on ----
-    policies = make(first)
+    first = datasets[0][1]
     frr_targets = list(rc["sweep"]["frr_targets"])
+    thresholds = np.linspace(0.0, 1.0, int(rc["sweep"]["thresholds"]))
     boot = rc["bootstrap"]
     per_policy: dict[str, Any] = {}
     sweeps: dict[str, pd.DataFrame] = {}
@@ -115,11 +155,14 @@ def run(cfg: DictConfig) -> int:
         m["paused_ticks"] = int(outs["paused_ticks"].sum())
         m["settings"] = settings[rp.name]
         m["settings_chosen_on"] = "calibration" if tuned else "configuration"
+        m["threshold"] = native_threshold(rp)
+        m["model_version"] = versions.get(rp.name)
         if tuned:
             m["calibration"] = tuned[rp.name].calibration
             m["configurations_compared"] = tuned[rp.name].configurations
         m["per_fault_kind"] = per_group(evals, rp.name, "fault_kind")
         m["per_onset_style"] = per_group(evals, rp.name, "fault_onset_style")
+        m["false_rollbacks"] = false_rollbacks(evals, rp.name)
         hist = _concat([e.result.histories[rp.name] for e in evals])
         pcfg_rp = rp.policy.rollback.config
         sw = sweep_table(hist, pcfg_rp, truth, breakpoints(hist, pcfg_rp, thresholds))
@@ -130,7 +173,9 @@ def run(cfg: DictConfig) -> int:
         per_policy[rp.name] = m
     wall = sum(e.result.wall_s for e in evals)
     simulated = sum(e.result.simulated_s for e in evals)
-    summary = {
+    boot_note = (f"95 % bootstrap over deployments ({int(boot['samples'])} resamples, "
+                 "within corpus and label)")
+    summary: dict[str, Any] = {
         "dataset": {"path": [str(d.path) for _, d in datasets] if len(datasets) > 1
                     else str(first.path),
                     "content_hash": first.content_hash if len(datasets) == 1
@@ -143,25 +188,32 @@ def run(cfg: DictConfig) -> int:
                                          "labels": e.truth["label"].value_counts().to_dict()}
                                 for e in evals}},
         "protocol": {
-            "settings_chosen_on": (
-                {"path": str(cal["dataset"]), "content_hash": cds.content_hash,
-                 "target_frr": float(cal["target_frr"])} if tuned else None),
+            "settings_chosen_on": cal_info,
             "evaluation": "each corpus replayed once with its labels hidden, then scored",
             "rolled_back_means": "first shrink or rollback",
             "false_rollback_means": "rollbacks of healthy canaries and of faulty canaries before "
                                     "their fault began, per canary that ran healthy for a while",
-            "intervals": f"95 % bootstrap over deployments ({int(boot['samples'])} resamples, "
-                         "within corpus and label)",
+            "intervals": boot_note,
             "oracle": "oracle_* = the threshold sweep on the evaluation corpora themselves: an "
                       "upper bound no deployed policy can reach, never a headline",
         },
-        "model": str(cfg.model), "policy_config": OmegaConf.to_container(cfg.policy),
+        "model": str(cfg.model), "model_version": model_version(str(cfg.model), versions),
+        "policy_config": OmegaConf.to_container(cfg.policy),
         "replay": {"ticks": sum(e.result.ticks for e in evals), "wall_s": wall,
                    "simulated_s": simulated, "speed_x_realtime": simulated / max(wall, 1e-9)},
         "policies": per_policy,
     }
+    missing = [k for k in ("faulty", "healthy") if not (truth["label"] == k).any()]
+    if missing:
+        summary["protocol"]["not_measured"] = (
+            f"no {' and no '.join(missing)} deployment in the evaluation corpora: "
+            + ", ".join(m for k, m in (("faulty", "detection and lead time"),
+                                        ("healthy", "false rollbacks")) if k in missing)
+            + " cannot be measured (reported as null)")
+        log.warning("replay: %s", summary["protocol"]["not_measured"])
     out = Path(cfg.out)
-    with _outputs(out, [*(d.path for _, d in datasets), cal.get("dataset")]) as tmp:
+    cal_path = cal_info["path"] if cal_info else None
+    with _outputs(out, [*(d.path for _, d in datasets), cal_path]) as tmp:
         dec = pd.concat([e.result.outcomes.assign(corpus=e.name) for e in evals], ignore_index=True)
         dec.drop(columns=["decided_at_s"]).to_parquet(tmp / "decisions.parquet", index=False)
         pd.DataFrame([{**{k: v for k, v in r.__dict__.items() if k != "evidence"}, "corpus": e.name,
@@ -173,7 +225,6 @@ def run(cfg: DictConfig) -> int:
             e0 = evals[0]
             _report(tmp, e0.dataset, replace(e0.result, deployments=e0.truth), policies, summary,
                     sweeps, int(rc["report"]["incidents"]), int(rc["report"]["top_metrics"]))
-    log.info("replay wrote %s in %.1f s", out, time.perf_counter() - t0)
     if rc.get("mlflow", True):
         _log_mlflow(cfg, out, summary)
     for name, m in per_policy.items():
@@ -182,6 +233,102 @@ def run(cfg: DictConfig) -> int:
               f"false_rollback={_pm(m['false_rollback_rate'], ci['false_rollback_rate'])} "
               f"caught_before_impact={_pm(m['caught_before_impact'], ci['caught_before_impact'])}"
               f" lead_p50={m['lead_time_s_p50']}")
+
+
+# ---- sharded replay ------------------------------------------------------------------------
+SHARD_FILE = "shard.json"
+_NOT_COMPARED = ("out", "shard", "merge")  # keys that differ between the shards of one run
+
+
+def _write_shard(cfg: DictConfig, shard: tuple[int, int],
+                 datasets: list[tuple[str, CanonicalDataset]], evals: list[Evaluation],
+                 settings: dict[str, dict[str, Any]], tuned: dict[str, Tuned] | None,
+                 cal_info: dict[str, Any] | None) -> None:
+    """One shard's blind replay results (no metrics: labels are read by the merge)."""
+    conf = cast(dict, OmegaConf.to_container(cfg, resolve=True))
+    meta = {"shard": list(shard), "config": {k: v for k, v in conf.items() if k not in _NOT_COMPARED},
+            "corpora": [{"name": e.name, "path": str(e.dataset.path),
+                         "content_hash": e.dataset.content_hash,
+                         "deployments": e.result.deployments["deployment_id"].tolist()}
+                        for e in evals],
+            "settings": settings, "calibration": cal_info,
+            "tuned": None if tuned is None else {n: {"settings": t.settings,
+                                                     "calibration": t.calibration,
+                                                     "configurations": t.configurations}
+                                                 for n, t in tuned.items()}}
+    out = Path(cfg.out)
+    with atomic_outputs(out, marker=SHARD_FILE, owns=json_marker(SHARD_FILE, "shard"),
+                        inputs=[d.path for _, d in datasets], kind="replay shard output") as tmp:
+        with (tmp / "results.pkl").open("wb") as f:
+            # the shard's own intermediate format, read back only by `replay merge=…`
+            pickle.dump([e.result for e in evals], f, protocol=pickle.HIGHEST_PROTOCOL)
+        atomic_write_json(tmp / SHARD_FILE, meta)
+
+
+def _shard_dirs(spec: Any) -> list[Path]:
+    items = [str(p) for p in spec] if isinstance(spec, list | tuple) else [str(spec)]
+    dirs: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if (p / SHARD_FILE).is_file():
+            dirs.append(p)
+        elif p.is_dir():
+            dirs += sorted(d for d in p.iterdir() if (d / SHARD_FILE).is_file())
+    if not dirs:
+        raise ConfigError(f"merge={spec}: no shard output ({SHARD_FILE}) found; give the folder "
+                          "holding the shards' out=DIRs, or a list of them")
+    return dirs
+
+
+def _run_merge(cfg: DictConfig) -> int:
+    """`canaryml replay merge=DIR out=DIR`: the summary, decisions and report of the run the
+    shards split, computed by the same code as a single run's (so the same summary.json)."""
+    t0 = time.perf_counter()
+    spec = OmegaConf.to_container(cfg.merge) if OmegaConf.is_list(cfg.merge) else cfg.merge
+    dirs = _shard_dirs(spec)
+    metas = [json.loads((d / SHARD_FILE).read_text()) for d in dirs]
+    count = int(metas[0]["shard"][1])
+    seen = sorted(int(m["shard"][0]) for m in metas)
+    if seen != list(range(count)) or any(int(m["shard"][1]) != count for m in metas):
+        raise ConfigError(f"merge={spec}: shards {seen} of {count}; every shard 0..{count - 1} "
+                          "must be present exactly once")
+    for m, d in zip(metas, dirs, strict=True):
+        for key in ("config", "settings", "calibration", "tuned"):
+            if m[key] != metas[0][key]:
+                raise ConfigError(f"merge: shard {d} differs from {dirs[0]} in its {key}; the "
+                                  "shards of one run must share every override but shard/out")
+    conf = dict(metas[0]["config"]) | {"out": str(cfg.out), "merge": None, "shard": None}
+    run_cfg = OmegaConf.create(conf)
+    rc = cast(dict, OmegaConf.to_container(run_cfg.replay, resolve=True))
+    datasets = _datasets(OmegaConf.to_container(run_cfg.dataset)
+                         if OmegaConf.is_list(run_cfg.dataset) else run_cfg.dataset)
+    results: list[list[ReplayResult]] = []
+    for d in dirs:
+        with (d / "results.pkl").open("rb") as f:
+            results.append(pickle.load(f))
+    evals = []
+    for k, (name, ds) in enumerate(datasets):
+        c = metas[0]["corpora"][k]
+        if c["content_hash"] != ds.content_hash:
+            raise ConfigError(f"merge: corpus {c['path']} changed since the shards ran "
+                              f"(content hash {ds.content_hash} ≠ {c['content_hash']})")
+        order = deployment_table(ds)
+        merged = merge_results([r[k] for r in results], blind(order))
+        evals.append(Evaluation(name, ds, merged, order))
+    pcfg = PolicyConfig.from_mapping(cast(dict, OmegaConf.to_container(run_cfg.policy,
+                                                                       resolve=True)))
+    models = {str(k): str(v) for k, v in (rc.get("models") or {}).items()}
+    names = list(dict.fromkeys([*rc["policies"], *models]))
+    first = datasets[0][1]
+    scorers, versions = load_scorers(names, models, str(run_cfg.model), rc.get("lookback"), first)
+    settings = metas[0]["settings"]
+    tuned = None if metas[0]["tuned"] is None else {
+        n: Tuned(n, t["settings"], t["calibration"], int(t["configurations"]))
+        for n, t in metas[0]["tuned"].items()}
+    make = _maker(pcfg, scorers, models, versions, names, settings)
+    _finish(run_cfg, rc, datasets, evals, make(first), settings, tuned, metas[0]["calibration"],
+            versions)
+    log.info("replay merged %d shards into %s in %.1f s", count, cfg.out, time.perf_counter() - t0)
     return 0
 
 
