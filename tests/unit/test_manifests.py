@@ -131,7 +131,8 @@ def test_round_trip_catches_an_unknown_field() -> None:
 def test_kustomization_lists_every_manifest() -> None:
     kust = _one("Kustomization")
     listed = set(kust["resources"])
-    optional = {"role-discovery.yaml"}  # opt-in, see test_discovery_role_matches_the_discovery_calls
+    optional = {"role-discovery.yaml",  # opt-in, see test_discovery_role_matches_the_discovery_calls
+                "replay-indexed-job.yaml"}  # applied per replay run (test_replay_k8s_job.py)
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"} - optional
     assert listed == on_disk
     assert kust["namespace"] == _one("Namespace")["metadata"]["name"] == "canaryml"
