@@ -41,15 +41,18 @@ def test_beats_on_two_objectives_needs_pareto_domination() -> None:
 
 def test_decide_refuses_a_tie_with_any_incumbent_and_names_it() -> None:
     best = Contender("best trial 3", (0.5,))
-    default = Contender("the untuned default (trial 0)", (0.5,))
+    default = Contender("the untuned default, trial 0", (0.5,))
     champion = Contender("@champion v2", (0.4,))
     d = decide(best, [default, champion], MAX)
     assert not d.register
-    assert "only ties the untuned default (trial 0) 0.5" in d.reason
+    assert d.reason == "best trial 3 (0.5) only ties the untuned default, trial 0 (0.5)"
     d = decide(best, [Contender("@challenger v4", (0.6,))], MAX)
-    assert not d.register and "does not beat @challenger v4 0.6" in d.reason
-    d = decide(best, [Contender("the untuned default (trial 0)", (0.3,)), champion], MAX)
-    assert d.register and "beats" in d.reason and "@champion v2 0.4" in d.reason
+    assert not d.register and "does not beat @challenger v4 (0.6)" in d.reason
+    d = decide(best, [Contender("the untuned default, trial 0", (0.3,)), champion], MAX)
+    assert d.register and "beats" in d.reason and "@champion v2 (0.4)" in d.reason
+    d = decide(Contender("best trial 5", (0.7, 0.02)), [Contender("@champion v2", (0.6, 0.01))],
+               MULTI)
+    assert d.reason == "best trial 5 (0.7, 0.02) does not beat @champion v2 (0.6, 0.01)"
     assert decide(best, [], MAX).register  # nothing to beat: the first challenger
 
 

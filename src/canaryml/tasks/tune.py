@@ -517,8 +517,8 @@ def _register(study: optuna.Study, best: optuna.trial.FrozenTrial, cfg: DictConf
         decision = (gate.Decision(False, blocked) if blocked
                     else gate.decide(contender, incumbents, directions))
         if not decision.register:
-            log.warning("not registered as @challenger: %s (tune.register=force registers it "
-                        "anyway)", decision.reason)
+            log.info("not registered as @challenger: %s (tune.register=force registers it "
+                     "anyway)", decision.reason)
             return None, decision.reason
         reason = decision.reason
     with mlflow.start_run(run_id=str(best.user_attrs["mlflow_run_id"])):
@@ -564,7 +564,7 @@ def _incumbents(study: optuna.Study, model: str, key: str, runner: TrialRunner, 
                                              states=(optuna.trial.TrialState.COMPLETE,))
                  if x.user_attrs.get("baseline")), None)
     if base is not None:
-        out.append(gate.Contender(f"the untuned default (trial {base.number})",
+        out.append(gate.Contender(f"the untuned default, trial {base.number}",
                                   tuple(base.values)))
     client = MlflowClient()
     seen: set[str] = set()

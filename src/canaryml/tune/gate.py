@@ -36,7 +36,7 @@ def objective_key(objective: str, max_frr: float, dataset_hash: str, holdout: Se
 class Contender:
     """A model (trial or registered version) and its objective value(s) on the hold-out."""
 
-    name: str  # e.g. "untuned default (trial 0)", "@champion v3"
+    name: str  # e.g. "the untuned default, trial 0", "@champion v3"
     values: tuple[float, ...]
 
 
@@ -74,10 +74,10 @@ def decide(best: Contender, incumbents: Sequence[Contender], directions: Sequenc
             verdict = ("only ties" if all(abs(a - b) <= TIE_TOL
                                           for a, b in zip(best.values, inc.values, strict=True))
                        else "does not beat")
-            return Decision(False, f"{best.name} {_fmt(best.values)} {verdict} "
-                                   f"{inc.name} {_fmt(inc.values)}")
-    names = ", ".join(f"{i.name} {_fmt(i.values)}" for i in incumbents) or "no incumbent"
-    return Decision(True, f"{best.name} {_fmt(best.values)} beats {names}")
+            return Decision(False, f"{best.name} ({_fmt(best.values)}) {verdict} "
+                                   f"{inc.name} ({_fmt(inc.values)})")
+    names = ", ".join(f"{i.name} ({_fmt(i.values)})" for i in incumbents) or "no incumbent"
+    return Decision(True, f"{best.name} ({_fmt(best.values)}) beats {names}")
 
 
 def tagged_values(tags: Mapping[str, str], key: str) -> tuple[float, ...] | None:
@@ -96,5 +96,4 @@ def tagged_values(tags: Mapping[str, str], key: str) -> tuple[float, ...] | None
 
 
 def _fmt(values: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")" if len(values) > 1 else \
-        f"{values[0]:.4g}"
+    return ", ".join(f"{v:.4g}" for v in values)

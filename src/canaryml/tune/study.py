@@ -398,13 +398,18 @@ def write_results(study: optuna.Study, out_dir: Path, extra: dict[str, Any], *,
     for name, plot in (("optimization_history", ovm.plot_optimization_history),
                        ("param_importances", ovm.plot_param_importances)):
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                warnings.simplefilter("always", UserWarning)
                 if len(study.directions) > 1:
                     ax: Any = plot(study, target=lambda t: t.values[0],
                                    target_name=target_name)
                 else:
                     ax = plot(study, target_name=target_name)
+            # e.g. "importances will be equal" when every trial scored the same: a note on
+            # the plot, not a warning about the user's run
+            for w in caught:
+                log.info("plot %s: %s", name, w.message)
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
             # e.g. importances need ≥ 2 complete trials with varying parameters
             log.warning("plot %s skipped: %s", name, exc)
