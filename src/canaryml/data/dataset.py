@@ -40,6 +40,7 @@ from canaryml.data.contract import (
     TS,
     Bundle,
     sample_codes,
+    small_pages,
     table_from_pandas,
     validate_deployments,
 )
@@ -130,6 +131,14 @@ def write_canonical(
                     replaceable=_dataset_file, kind="canonical dataset")
         log.info("published %s (hash %s)", loc.text, manifest["content_hash"][:12])
         return manifest
+    with small_pages():
+        return _write_local(bundle, out, step_s=step_s, catalog=catalog, source=source,
+                            point_labels=point_labels, extra_manifest=extra_manifest)
+
+
+def _write_local(bundle: Bundle, out: str | Path, *, step_s: int, catalog: Catalog, source: str,
+                 point_labels: pd.DataFrame | None, extra_manifest: dict[str, Any] | None
+                 ) -> dict[str, Any]:
     deps = bundle.deployments.reset_index(drop=True)
     n_samples = bundle.num_samples
     codes = bundle.codes
