@@ -34,6 +34,7 @@ def test_bench_writes_report(tmp_path: Path) -> None:
         assert report[side]["samples_per_s"] == pytest.approx(
             samples / report[side]["seconds"], rel=0.05)
         assert report[side]["peak_rss_mb"] > 0
+        assert report[side]["cpu_s"] > 0
     assert report["canaryml"]["duplicates_dropped"] > 0
     checks = report["checks"]
     assert checks["samples_per_s"] == (report["canaryml"]["samples_per_s"] >= 2_000_000)
