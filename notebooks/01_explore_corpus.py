@@ -44,9 +44,9 @@ from canaryml.paths import repo_root
 
 def demo_out() -> Path:
     """`demo.out` of the project config (where `make demo` writes), relative to the repo."""
-    from canaryml.cli import compose
+    from canaryml import config
 
-    cfg = compose("demo")
+    cfg = config("demo")
     out = Path(str(cfg.demo.out)) if cfg.get("demo") is not None else Path("experiments/demo")
     return out if out.is_absolute() else repo_root() / out
 
@@ -56,9 +56,9 @@ def default_dataset() -> Path:
         if (candidate / "manifest.json").is_file():
             return candidate
     raise FileNotFoundError(
-        "no canonical dataset found: run `make demo`, or `canaryml simulate out=data/raw/simulated`"
-        " + `canaryml ingest source=bundle input=data/raw/simulated out=data/processed/simulated`,"
-        " or set CANARYML_DATASET=DIR")
+        "no canonical dataset found: run `make demo`, or build one with the Python API — "
+        "`from canaryml import simulate, ingest; ingest(input=simulate(out='data/raw/simulated'),"
+        " out='data/processed/simulated')` — or set CANARYML_DATASET=DIR")
 
 
 DATASET = Path(os.environ.get("CANARYML_DATASET") or default_dataset())

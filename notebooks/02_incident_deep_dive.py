@@ -44,9 +44,9 @@ from canaryml.paths import repo_root
 
 def demo_out() -> Path:
     """`demo.out` of the project config (where `make demo` writes), relative to the repo."""
-    from canaryml.cli import compose
+    from canaryml import config
 
-    cfg = compose("demo")
+    cfg = config("demo")
     out = Path(str(cfg.demo.out)) if cfg.get("demo") is not None else Path("experiments/demo")
     return out if out.is_absolute() else repo_root() / out
 

@@ -58,3 +58,8 @@ def write_ingested(ingested: Ingested, out: str | Path, *, catalog: Catalog,
                            catalog=extend_catalog(catalog, ingested.metrics),
                            source=ingested.source, point_labels=ingested.point_labels,
                            extra_manifest=extra)
+
+# `canaryml.ingest(...)` is the Python API function (canaryml.api): the package is callable
+from canaryml.api import callable_package as _callable_package  # noqa: E402
+
+_callable_package(__name__)

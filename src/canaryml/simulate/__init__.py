@@ -55,3 +55,8 @@ __all__ = [
     "simulate_deployment",
     "simulate_deployments",
 ]
+
+# `canaryml.simulate(...)` is the Python API function (canaryml.api): the package is callable
+from canaryml.api import callable_package as _callable_package
+
+_callable_package(__name__)
