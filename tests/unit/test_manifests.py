@@ -122,7 +122,7 @@ def test_every_document_is_a_known_kind_and_survives_the_model_round_trip(path: 
 
 
 def test_round_trip_catches_an_unknown_field() -> None:
-    doc = json.loads(json.dumps(_one("Deployment")))
+    doc = json.loads(json.dumps(_controller()))
     container = doc["spec"]["template"]["spec"]["containers"][0]
     container["readinesProbe"] = container.pop("readinessProbe")  # the typo users make
     assert _roundtrip(doc, "V1Deployment") != _strip_nulls(doc)
@@ -474,6 +474,38 @@ def test_retrain_ingest_config_says_which_deployments_to_pull(tmp_path: Path) ->
     assert dict(prom.queries) == dict(cfg.serve.source.prometheus.queries)
     assert set(prom.queries) == set(cfg.metrics)
     assert "{service}" in prom.selectors.canary and render(prom.queries.latency_p99, "x")
+
+
+def test_forwarder_deployment_composes_and_is_hardened(tmp_path: Path) -> None:
+    """The forwarder reads the controller's ConfigMap: mount it, compose `canaryml forward`
+    with the pod's args; probes on /livez (liveness) and /healthz (readiness)."""
+    from canaryml.cli import compose
+
+    dep = _one("Deployment", "canaryml-forwarder")
+    assert dep["metadata"]["name"] != _controller()["metadata"]["name"]
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == _container()["image"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    volume = next(v for v in pod["volumes"] if "configMap" in v)
+    mount = next(m for m in c["volumeMounts"] if m["name"] == volume["name"])
+    data = _one("ConfigMap", volume["configMap"]["name"])["data"]
+    root = tmp_path / mount["mountPath"].lstrip("/")
+    for item in volume["configMap"]["items"]:
+        (root / item["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (root / item["path"]).write_text(data[item["key"]])
+    assert c["args"][0] == "forward"
+    cfg = compose("forward", [a.replace(f"file://{mount['mountPath']}", f"file://{root}")
+                              for a in c["args"][1:]])
+    assert cfg.forward.http.port == c["ports"][0]["containerPort"]
+    assert c["livenessProbe"]["httpGet"]["port"] == c["ports"][0]["name"]
+    assert cfg.forward.kafka.topic == cfg.serve.source.kafka.topic  # one topic, both ends
+    assert cfg.forward.prometheus.url == cfg.serve.source.prometheus.url
+    assert set(cfg.forward.prometheus.queries) == set(cfg.metrics)
 
 
 def test_network_policy_admits_only_the_callers_on_the_http_port() -> None:
