@@ -257,3 +257,11 @@ def test_files_named_in_error_messages_exist() -> None:
                     wrong.append(f"src/canaryml/{rel}:{line}: {path}")
     assert named >= 5
     assert not wrong, "error messages name files that do not exist:\n" + "\n".join(wrong)
+
+
+def test_serve_with_nothing_to_watch_is_an_error_not_a_silent_loop(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "serve.max_ticks=1"]) == 2
+    err = capsys.readouterr().err
+    assert "no deployment to watch" in err and "serve.deployments" in err
+    assert "serve.discover" in err and "serve.source.kind=kafka" in err

@@ -51,11 +51,24 @@ def refuse_removed_keys(serve: dict[str, Any]) -> None:
                               "alike)")
 
 
+def refuse_nothing_to_watch(serve: dict[str, Any]) -> None:
+    """A controller with no deployment to watch would tick forever deciding nothing: say so.
+    (The Kafka source learns its deployments from the topic's keys.)"""
+    kind = (serve.get("source") or {}).get("kind")
+    if not serve.get("deployments") and not serve.get("discover") and kind != "kafka":
+        raise ConfigError(
+            "serve has no deployment to watch: list them in serve.deployments (e.g. "
+            "'serve.deployments=[{id: web, selectors: {canary: \"app=\\\"web\\\",track="
+            "\\\"canary\\\"\"}}]'), discover them with serve.discover={namespace: …, "
+            "label_selector: …}, or read them from a topic with serve.source.kind=kafka")
+
+
 def run(cfg: DictConfig) -> int:
     from canaryml import tracking
 
     serve = cast(dict[str, Any], OmegaConf.to_container(cfg.serve, resolve=True))
     refuse_removed_keys(serve)
+    refuse_nothing_to_watch(serve)
     pcfg = PolicyConfig.from_mapping(cast(dict, OmegaConf.to_container(cfg.policy, resolve=True)))
     tracking.configure(cfg.mlflow.tracking_uri)
     catalog = list(cast(dict, OmegaConf.to_container(cfg.metrics, resolve=True)))
