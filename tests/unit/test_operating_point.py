@@ -85,7 +85,8 @@ def test_training_side_choice_bounds_false_rollbacks_on_the_held_back_deployment
                                                           metrics=ds.metrics)})
     s = protocol.configured_settings("scorer", {}, b.pcfg, {}, b.scorers["scorer"])
     assert s == {"rollback_threshold": op["rollback_threshold"],
-                 "consecutive_breaches": op["consecutive_breaches"]}
+                 "consecutive_breaches": op["consecutive_breaches"],
+                 "predict_probability": None}  # a stand-in has no breach predictor
     healthy = [i for i, lb in zip(ids, ds.deployments["label"], strict=True) if lb == "faulty"]
     assert protocol.choose_operating_point(scorer, ds, healthy, cfg, 0.1) is None
 

@@ -32,9 +32,15 @@ from canaryml.control.kayenta import (
     summary_score,
     with_effect_size,
 )
-from canaryml.control.policy import PolicyConfig, PolicyState, RollbackPolicy, RollbackStrategy
+from canaryml.control.policy import (
+    PolicyConfig,
+    PolicyState,
+    RollbackPolicy,
+    RollbackStrategy,
+    predict_horizon,
+)
 from canaryml.control.types import Action, Decision, Scorer, Window
-from canaryml.errors import ScoringError
+from canaryml.errors import ConfigError, ScoringError
 
 log = logging.getLogger(__name__)
 
@@ -73,26 +79,33 @@ class ScorerPolicy:
     model_version: str | None = None
     _followed: tuple[Any, RollbackPolicy] | None = field(default=None, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        self.current_rollback()  # a policy the model cannot run fails here, not at a tick
+
     @property
     def lookback(self) -> int:
-        return int(self.scorer.lookback)
+        # steps a decision reads: the breach predictor's longer window when the model has one
+        return int(getattr(self.scorer, "window_steps", self.scorer.lookback))
 
     def initial_state(self) -> PolicyState:
         return self.rollback.initial_state()
 
     def current_rollback(self) -> RollbackPolicy:
-        """The rollback policy in force now (the model's operating point when following it)."""
-        if not self.rollback.config.follow_model:
-            return self.rollback
-        op = getattr(self.scorer, "operating_point", None)
-        key = None if not op else (op.get("rollback_threshold"), op.get("consecutive_breaches"))
+        """The rollback policy in force now: the model's operating point when following it, and
+        the model's breach predictor (predictive rule) when it has one."""
+        op = getattr(self.scorer, "operating_point", None) or {}
+        key = (op.get("rollback_threshold"), op.get("consecutive_breaches"),
+               op.get("predict_probability"), predict_horizon(self.scorer))
         if self._followed is None or self._followed[0] != key:
             self._followed = (key, RollbackPolicy(self.rollback.config.for_model(self.scorer)))
         return self._followed[1]
 
     def step(self, window: Window | None, now_s: float, state: PolicyState, *,
              failure: str | None = None) -> tuple[Decision, PolicyState]:
-        rollback = self.current_rollback()
+        try:
+            rollback = self.current_rollback()
+        except ConfigError as exc:  # a hot-swapped model this policy cannot run: hold, say why
+            return self.rollback.decide(None, now_s, state, failure=str(exc))
         if failure is not None or window is None:
             return rollback.decide(None, now_s, state, failure=failure or "no window")
         if state.final is not None:  # terminal: no need to score again
@@ -114,9 +127,10 @@ class ScorerPolicy:
                     "forecast_error": result.forecast_error,
                     "detector_score": result.detector_score,
                     "breach_eta_s": result.breach_eta_s,
+                    "breach_probability": result.breach_probability,
                     "contributions": {m: round(v, 4) for m, v in top if v > 0}}
         return rollback.decide(result.score, now_s, state, reasons=result.top_reasons(3),
-                               evidence=evidence)
+                               evidence=evidence, predicted=result.breach_probability)
 
 
 def _recent(window: Window, seconds: float) -> np.ndarray:
@@ -298,7 +312,6 @@ class KayentaJudge:
                     items.append((metric, x, y, self.catalog.get(metric).direction))
         for key, result in zip(keys, mann_whitney_tests(items, self.config), strict=True):
             self._remember(key, result)
-
 
     def judge(self, window: Window) -> tuple[float, dict[str, Any]]:
         """Kayenta score 0..100 of the last interval and the per-metric classifications."""

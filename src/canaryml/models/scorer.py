@@ -348,7 +348,8 @@ class CanaryScorer:
             return np.concatenate([np.full((n - len(v), v.shape[1]), np.nan, np.float32), v])
 
         can = np.stack([rows(w, w.canary) for w in windows])
-        base = np.stack([rows(w, w.baseline) for w in windows]) if has_base else None
+        base = (np.stack([rows(w, w.baseline) for w in windows if w.baseline is not None])
+                if has_base else None)
         return self.predictor.predict(can, base)
 
     def score_series(self, arrays: DeploymentArrays) -> np.ndarray:

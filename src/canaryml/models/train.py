@@ -4,6 +4,8 @@ Deployments are split by deployment (or by time), never by rows:
   train → scaler + forecaster (healthy spans only: healthy deployments, pre-onset of faulty);
   val   → early stopping (healthy spans), then split in halves: detector fit / calibration;
   test  → held back: `test/roc_auc` (faulty post-onset ticks vs healthy deployments' ticks).
+The breach predictor (predictive rollback) is fitted on the labelled train + test deployments;
+the validation deployments choose the model's operating point (train task).
 """
 
 from __future__ import annotations
@@ -262,10 +264,10 @@ def train_scorer(dataset: CanonicalDataset, spec: TrainSpec, *, work_dir: Path |
         last = history[-1]
         metrics_out |= {k: v for k, v in last.items() if k != "epoch"}
         metrics_out["val/best_loss"] = min(h.get("val/loss", np.inf) for h in history)
-    if tr.predict_horizon_s:  # on the training split: validation chooses its probability
+    if tr.predict_horizon_s:  # train + test splits (validation chooses its probability)
         t0 = time.perf_counter()
         scorer.predictor = fit_on_dataset(
-            dataset, split.train, scorer.metrics, catalog,
+            dataset, [*split.train, *split.test], scorer.metrics, catalog,
             PredictorSpec(horizon_s=float(tr.predict_horizon_s)), min_steps=scorer.min_steps,
             seed=spec.seed)
         metrics_out["train/predictor_fit_s"] = time.perf_counter() - t0

@@ -22,7 +22,7 @@ rescoring) for every threshold at once: `sweep_first_rollback` is a vectorised t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,19 @@ class ScoreHistory:
     deployment_ids: tuple[str, ...]
     times_s: np.ndarray  # float64 [D, T]
     scores: np.ndarray  # float64 [D, T]
+    predicted: np.ndarray | None = None  # float64 [D, T] breach probabilities (NaN = none)
+
+    def with_predictive_rule(self, probability: float | None, *, only: bool = False
+                             ) -> ScoreHistory:
+        """The history as the rollback policy sees it with `predict_probability=probability`:
+        a tick whose breach probability exceeds it breaches at every rollback threshold (its
+        score becomes 2, over any threshold in [0, 1]); None or no predictions: unchanged.
+        `only`: the anomaly score never breaches (scores 0), only the predictive rule acts."""
+        scores = np.where(np.isfinite(self.scores), 0.0, self.scores) if only else self.scores
+        if probability is None or self.predicted is None:
+            return replace(self, scores=scores)
+        over = np.isfinite(scores) & (np.nan_to_num(self.predicted, nan=-1.0) > probability)
+        return replace(self, scores=np.where(over, 2.0, scores))
 
 
 def sweep_first_rollback(history: ScoreHistory, cfg: PolicyConfig,
@@ -181,3 +194,26 @@ def operating_point(sweep: pd.DataFrame, max_frr: float) -> dict[str, Any] | Non
     best = ok.sort_values(["caught_before_impact", "detection_rate", "threshold"],
                           ascending=[False, False, False]).iloc[0]
     return {str(k): (None if pd.isna(v) else float(v)) for k, v in best.items()}
+
+
+def predictor_reliability(history: ScoreHistory, deployments: pd.DataFrame, horizon_s: float,
+                          bins: int = 10) -> list[dict[str, float]]:
+    """Reliability of the breach probabilities of a replayed `history` against what happened:
+    a tick is positive when its canary is faulty, the fault has begun and the first SLO breach
+    (`impact_at_s`) comes within `horizon_s` (the predictor's own label). [] without predictions.
+    `deployments` needs deployment_id, label, fault_onset_s, impact_at_s (labels: only after the
+    evaluation replay, or on a calibration corpus)."""
+    from canaryml.models.predict import reliability_table
+
+    if history.predicted is None:
+        return []
+    d = deployments.set_index("deployment_id").reindex(list(history.deployment_ids))
+    faulty = (d["label"] == "faulty").to_numpy()[:, None]
+    onset = d["fault_onset_s"].to_numpy(float)[:, None]
+    impact = d["impact_at_s"].to_numpy(float)[:, None]
+    t = history.times_s
+    with np.errstate(invalid="ignore"):
+        y = faulty & (t >= onset) & (impact <= t + horizon_s)
+    ok = np.isfinite(history.predicted) & np.isfinite(t)
+    return reliability_table(history.predicted[ok], y[ok], bins)
+

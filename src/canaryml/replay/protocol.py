@@ -54,7 +54,18 @@ from canaryml.replay.runner import (
 
 log = logging.getLogger(__name__)
 SCORER_VARIANTS: dict[str, float | None] = {"scorer": None, "scorer_forecast": 1.0,
-                                            "scorer_detector": 0.0}
+                                            "scorer_detector": 0.0, "scorer_nopredict": None,
+                                            "scorer_predict": None}
+# how a scorer policy uses the model's breach predictor (the predictive rule): `on` (its
+# predict_probability tuned with the threshold), `off`, or `only` (the anomaly score never acts).
+# The parts of the default scorer (forecast-only, detector-only) run without it: ablations.
+PREDICT_MODES: dict[str, str] = {"scorer_forecast": "off", "scorer_detector": "off",
+                                 "scorer_nopredict": "off", "scorer_predict": "only"}
+NEVER = 2.0  # a rollback threshold the calibrated score (in [0, 1]) never exceeds
+
+
+def predict_mode(name: str) -> str:
+    return PREDICT_MODES.get(name, "on")
 JUDGES = ("argo", "kayenta")
 HEADLINE = ("detection_rate", "false_rollback_rate", "caught_before_impact",
             "healthy_rolled_back_rate", "rolled_back_before_onset_rate",
@@ -77,8 +88,10 @@ def configured_settings(name: str, models: Mapping[str, str], pcfg: PolicyConfig
     fam = family(name, models)
     if fam == "scorer":
         cfg = pcfg.for_model(scorer)
-        return {"rollback_threshold": cfg.rollback_threshold,
-                "consecutive_breaches": cfg.consecutive_breaches}
+        mode = predict_mode(name)
+        return {"rollback_threshold": NEVER if mode == "only" else cfg.rollback_threshold,
+                "consecutive_breaches": cfg.consecutive_breaches,
+                "predict_probability": None if mode == "off" else cfg.predict_probability}
     if fam == "argo":
         a = rcfg["argo"]
         return {"metrics": a["metrics"], "limit_fraction": float(a["limit_fraction"]),
@@ -190,8 +203,10 @@ class PolicyBuilder:
         label = as_name or name
         if fam == "scorer":
             sc = self.scorers[name]
+            p = s.get("predict_probability")
             cfg = replace(self.pcfg, rollback_threshold=float(s["rollback_threshold"]),
-                          consecutive_breaches=int(s["consecutive_breaches"]), follow_model=False)
+                          consecutive_breaches=int(s["consecutive_breaches"]), follow_model=False,
+                          predict_probability=1.0 if p is None else float(p))  # 1.0: rule off
             return ReplayPolicy(ScorerPolicy(label, sc, RollbackPolicy(cfg),
                                              self.versions.get(name)), sc)
         if fam == "argo":
@@ -234,7 +249,8 @@ def at_threshold(fam: str, settings: Mapping[str, Any], threshold: float,
     has that knob), expressed in the family's own terms."""
     s = dict(settings)
     if fam == "scorer":
-        s |= {"rollback_threshold": float(threshold), "consecutive_breaches": int(consecutive)}
+        s |= {"rollback_threshold": NEVER if s["rollback_threshold"] == NEVER else float(threshold),
+              "consecutive_breaches": int(consecutive)}
     elif fam == "argo":  # score = max(value / limit) / 2, breach when > 0.5
         s |= {"limit_fraction": float(s["limit_fraction"]) * 2.0 * float(threshold),
               "failure_limit": int(consecutive)}
@@ -255,11 +271,16 @@ class CalibrationSpace:
     kayenta_interval_s: tuple[float, ...] = (120.0, 300.0)
     kayenta_effect_size: tuple[float, ...] = (1.0, 1.1, 1.25, 1.5, 2.0)
     kayenta_metrics: tuple[Any, ...] = ("all", "app", "slo")
+    # the predictive rule's probability (None = off); each healthy calibration deployment's
+    # highest probability is added, so the sweep resolves every change of the false-rollback rate
+    predict_probability: tuple[float | None, ...] = (None, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 
     @classmethod
     def from_mapping(cls, c: Mapping[str, Any]) -> CalibrationSpace:
         a, k = dict(c.get("argo") or {}), dict(c.get("kayenta") or {})
-        return cls(consecutive_breaches=tuple(int(x) for x in c["consecutive_breaches"]),
+        pp = c.get("predict_probability", cls.predict_probability)
+        return cls(predict_probability=tuple(None if x is None else float(x) for x in pp),
+                   consecutive_breaches=tuple(int(x) for x in c["consecutive_breaches"]),
                    argo_measure_s=tuple(float(x) for x in a["measure_s"]),
                    argo_metrics=tuple(a["metrics"]),
                    kayenta_interval_s=tuple(float(x) for x in k["interval_s"]),
@@ -300,6 +321,53 @@ def best_threshold(history: ScoreHistory, cfg: PolicyConfig, deps: pd.DataFrame,
         if op is not None and _better(op, best[1]):
             best = (int(c), op)
     return best[0], best[1], compared
+
+
+def policy_history(rp: ReplayPolicy, history: ScoreHistory) -> ScoreHistory:
+    """`history` as `rp`'s rollback policy acts on it: with a scorer policy's predictive rule
+    applied (a predicted breach scores over every threshold), so its sweep is the policy's."""
+    cfg = rp.policy.rollback.config
+    only = cfg.rollback_threshold >= NEVER
+    if cfg.predict_probability is None and not only:
+        return history
+    return history.with_predictive_rule(cfg.predict_probability, only=only)
+
+
+def predict_candidates(history: ScoreHistory, deps: pd.DataFrame,
+                       grid: Sequence[float | None], top: int = 12) -> list[float | None]:
+    """Probabilities to try for the predictive rule: `grid` plus the highest breach probability
+    of each of the `top` worst healthy deployments (where the false-rollback rate changes)."""
+    out = list(dict.fromkeys(grid))
+    if history.predicted is None:
+        return [None]
+    healthy = (deps.set_index("deployment_id").reindex(list(history.deployment_ids))["label"]
+               == "healthy").to_numpy()
+    peaks = np.nanmax(np.where(np.isfinite(history.predicted), history.predicted, -1.0), axis=1)
+    worst = np.sort(peaks[healthy & (peaks >= 0)])[::-1][:top]
+    return out + [float(p) for p in worst if float(p) not in out]
+
+
+def best_setting(history: ScoreHistory, cfg: PolicyConfig, deps: pd.DataFrame,
+                 consecutive: Sequence[int], thresholds: np.ndarray, target_frr: float,
+                 mode: str, grid: Sequence[float | None]
+                 ) -> tuple[int, float | None, dict[str, Any] | None, int]:
+    """`best_threshold` over the predictive rule's probabilities too (scorer policies):
+    (consecutive, predict_probability, operating point, pairs compared). `mode` off: the rule
+    stays off; only: the anomaly score never acts."""
+    probs: list[float | None] = (
+        [None] if mode == "off" else predict_candidates(history, deps, grid))
+    if mode == "only":
+        probs = [p for p in probs if p is not None] or [None]
+    best: tuple[int, float | None, dict[str, Any] | None] = (int(consecutive[0]), None, None)
+    compared = 0
+    for p in probs:
+        h = history.with_predictive_rule(p, only=mode == "only")
+        c, op, n = best_threshold(h, cfg, deps, consecutive,
+                                  np.array([1.0]) if mode == "only" else thresholds, target_frr)
+        compared += n
+        if op is not None and _better(op, best[2]):
+            best = (c, p, op)
+    return best[0], best[1], best[2], compared
 
 
 def breakpoints(history: ScoreHistory, cfg: PolicyConfig, grid: np.ndarray) -> np.ndarray:
@@ -357,8 +425,15 @@ def calibrate(ds: CanonicalDataset, names: Sequence[str], base: Mapping[str, dic
     tried: dict[str, int] = dict.fromkeys(names, 0)
     for name, s, rp in candidates:
         fam = family(name, builder.models)
-        c, op, compared = best_threshold(result.histories[rp.name], rp.policy.rollback.config,
-                                         deps, space.consecutive(fam), thresholds, target_frr)
+        history = result.histories[rp.name]
+        if fam == "scorer":
+            c, p, op, compared = best_setting(history, rp.policy.rollback.config, deps,
+                                              space.consecutive(fam), thresholds, target_frr,
+                                              predict_mode(name), space.predict_probability)
+            s = dict(s) | {"predict_probability": p}
+        else:
+            c, op, compared = best_threshold(history, rp.policy.rollback.config, deps,
+                                             space.consecutive(fam), thresholds, target_frr)
         tried[name] += compared
         if op is not None and _better(op, best.get(name, (None, None))[1]):
             best[name] = (at_threshold(fam, s, float(op["threshold"]), c), op)
@@ -377,26 +452,31 @@ def calibrate(ds: CanonicalDataset, names: Sequence[str], base: Mapping[str, dic
 def choose_operating_point(scorer: Any, ds: CanonicalDataset, deployment_ids: Sequence[str],
                            pcfg: PolicyConfig, target_frr: float,
                            consecutive: Sequence[int] = (1, 2, 3), *,
-                           thresholds: np.ndarray | None = None) -> dict[str, Any] | None:
+                           thresholds: np.ndarray | None = None,
+                           predict_grid: Sequence[float | None] = CalibrationSpace.predict_probability
+                           ) -> dict[str, Any] | None:
     """The scorer's own operating point, chosen like replay's calibration on held-back labelled
-    deployments (training's validation split): the threshold and hysteresis that catch most
-    faulty canaries before impact at a false-rollback rate ≤ `target_frr`. None when those
-    deployments hold no healthy canary (nothing to bound the false rollbacks with)."""
+    deployments (training's validation split): the threshold, hysteresis and (with a breach
+    predictor) the predictive rule's probability that catch most faulty canaries before impact
+    at a false-rollback rate ≤ `target_frr`. None when those deployments hold no healthy canary
+    (nothing to bound the false rollbacks with)."""
     deps = deployment_table(ds)
     deps = deps[deps["deployment_id"].isin(set(deployment_ids))].reset_index(drop=True)
     if not (deps["label"] == "healthy").any():
         log.warning("no healthy deployment among the %d held back: no operating point chosen; "
                     "policies use policy.rollback_threshold", len(deps))
         return None
-    cfg = replace(pcfg, follow_model=False)
+    cfg = replace(pcfg, follow_model=False, predict_probability=1.0)
     rp = ReplayPolicy(ScorerPolicy("scorer", scorer, RollbackPolicy(cfg)), scorer)
     result = replay(ds, [rp], interval_s=cfg.monitoring_interval_s, deployments=deps,
                     progress=False, decide=False)
     grid = np.linspace(0.0, 1.0, 101) if thresholds is None else thresholds
-    c, op, _ = best_threshold(result.histories["scorer"], cfg, deps, consecutive, grid, target_frr)
+    c, p, op, _ = best_setting(result.histories["scorer"], cfg, deps, consecutive, grid,
+                               target_frr, "on", predict_grid)
     if op is None:
         return None
     return {"rollback_threshold": float(op["threshold"]), "consecutive_breaches": c,
+            "predict_probability": p,
             "target_frr": float(target_frr), "chosen_on": "validation deployments",
             "deployments": len(deps), "healthy": int((deps["label"] == "healthy").sum()),
             "false_rollback_rate": op.get("false_rollback_rate"),
@@ -427,7 +507,7 @@ def summarize(result: ReplayResult, policies: Sequence[ReplayPolicy], thresholds
     for rp in policies:
         m = metrics_from_times(first_rollback(result, rp.name), truth)
         cfg = rp.policy.rollback.config
-        hist = result.histories[rp.name]
+        hist = policy_history(rp, result.histories[rp.name])
         sw = sweep_table(hist, cfg, truth, breakpoints(hist, cfg, thresholds))
         sweeps[rp.name] = sw
         o = result.outcomes[result.outcomes["policy"] == rp.name]

@@ -97,7 +97,7 @@ class SeriesScorer:
         self._lookback = int(lookback)
         # the wrapped scorer's fewest steps: ScorerPolicy reports "warming up" below it, as live
         self.min_steps = None if min_steps is None else int(min_steps)
-        self._series: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._series: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -107,18 +107,23 @@ class SeriesScorer:
     def lookback(self) -> int:
         return self._lookback
 
-    def load(self, deployment_id: str, timestamps_s: np.ndarray, scores: np.ndarray) -> None:
-        self._series = {deployment_id: (np.asarray(timestamps_s), np.asarray(scores, float))}
+    def load(self, deployment_id: str, timestamps_s: np.ndarray, scores: np.ndarray,
+             breach_probability: np.ndarray | None = None) -> None:
+        self._series = {deployment_id: (
+            np.asarray(timestamps_s), np.asarray(scores, float),
+            None if breach_probability is None else np.asarray(breach_probability, float))}
 
     def score(self, window: Window) -> ScoreResult:
         got = self._series.get(window.deployment_id)
         if got is None:
             raise ScoringError(f"no precomputed scores for deployment {window.deployment_id!r}")
-        ts, scores = got
+        ts, scores, probs = got
         i = int(np.searchsorted(ts, window.now_s, side="right")) - 1
         s = float(scores[i]) if i >= 0 else float("nan")
         if not np.isfinite(s):
             raise ScoringError(f"deployment {window.deployment_id!r}: no score at "
                                f"t={window.now_s:.0f} (window too short or a metric missing)")
+        p = float("nan") if probs is None else float(probs[i])
         return ScoreResult(score=s, app_score=s, infra_score=s, forecast_error=float("nan"),
-                           detector_score=float("nan"))
+                           detector_score=float("nan"),
+                           breach_probability=p if np.isfinite(p) else None)

@@ -16,13 +16,18 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from canaryml.control.policy import PolicyConfig
+from canaryml.control.policy import PolicyConfig, predict_horizon
 from canaryml.data.atomic import atomic_outputs, atomic_write_json, json_marker
 from canaryml.data.dataset import CanonicalDataset
 from canaryml.errors import ConfigError
 from canaryml.replay import report
 from canaryml.replay.details import false_rollbacks, model_version, native_threshold
-from canaryml.replay.evaluate import ScoreHistory, operating_point, sweep_table
+from canaryml.replay.evaluate import (
+    ScoreHistory,
+    operating_point,
+    predictor_reliability,
+    sweep_table,
+)
 from canaryml.replay.protocol import (
     CalibrationSpace,
     Evaluation,
@@ -37,6 +42,7 @@ from canaryml.replay.protocol import (
     load_scorer_uri,
     load_scorers,
     per_group,
+    policy_history,
     pooled_metrics,
 )
 from canaryml.replay.runner import (
@@ -67,9 +73,13 @@ def _concat(histories: list[ScoreHistory]) -> ScoreHistory:
     def pad(a: np.ndarray) -> np.ndarray:
         return np.pad(a, ((0, 0), (0, T - a.shape[1])), constant_values=np.nan)
 
+    predicted = None
+    if any(h.predicted is not None for h in histories):
+        predicted = np.vstack([pad(np.full(h.scores.shape, np.nan) if h.predicted is None
+                                   else h.predicted) for h in histories])
     return ScoreHistory(tuple(i for h in histories for i in h.deployment_ids),
                         np.vstack([pad(h.times_s) for h in histories]),
-                        np.vstack([pad(h.scores) for h in histories]))
+                        np.vstack([pad(h.scores) for h in histories]), predicted)
 
 
 def run(cfg: DictConfig) -> int:
@@ -103,6 +113,9 @@ def run(cfg: DictConfig) -> int:
             raise ConfigError(f"replay.calibration.dataset={cal['dataset']} is the evaluation "
                               f"corpus {clash[0]}; thresholds must be chosen on other (training-"
                               "side) data: give a separately simulated or held-back corpus")
+        for iv in cal["kayenta"]["interval_s"] if "kayenta" in names else ():
+            _check_interval(float(iv), [("calibration", cds)], rc.get("horizon_s"),
+                            "replay.calibration.kayenta.interval_s", fatal=False)
         builder = PolicyBuilder(cds.catalog, tuple(cds.metrics), float(cds.step_s), pcfg,
                                 scorers, models, versions)
         tuned = calibrate(cds, names, base, builder, CalibrationSpace.from_mapping(cal),
@@ -111,9 +124,15 @@ def run(cfg: DictConfig) -> int:
         cal_info = {"path": str(cal["dataset"]), "content_hash": cds.content_hash,
                     "target_frr": float(cal["target_frr"])}
     settings = {n: (tuned[n].settings if tuned else base[n]) for n in names}
+    for n in names:
+        if family(n, models) == "kayenta":
+            _check_interval(float(settings[n]["interval_s"]), datasets, rc.get("horizon_s"),
+                            "replay.calibration.kayenta.interval_s" if tuned
+                            else "replay.kayenta.interval_s", fatal=True)
     make = _maker(pcfg, scorers, models, versions, names, settings)
     evals = evaluate_blind(datasets, make, pcfg.monitoring_interval_s, horizon_s=rc.get("horizon_s"),
                            workers=rc.get("workers"), shard=shard)
+    _check_scored(evals, names, models)
     if shard is not None:
         _write_shard(cfg, shard, datasets, evals, settings, tuned, cal_info)
         log.info("replay shard %d/%d wrote %s in %.1f s", *shard, cfg.out, time.perf_counter() - t0)
@@ -121,6 +140,46 @@ def run(cfg: DictConfig) -> int:
     _finish(cfg, rc, datasets, evals, make(first), settings, tuned, cal_info, versions)
     log.info("replay wrote %s in %.1f s", cfg.out, time.perf_counter() - t0)
     return 0
+
+
+def _check_interval(interval_s: float, datasets: list[tuple[str, CanonicalDataset]],
+                    horizon_s: float | None, key: str, *, fatal: bool) -> None:
+    """Kayenta judges its first interval `interval_s` after a canary starts: an interval longer
+    than every deployment never judges anything (an error, not a silent "detection 0.0"); one
+    longer than some deployments leaves those unjudged (a warning)."""
+    for name, ds in datasets:
+        d = deployment_table(ds)  # start and end only
+        span = (d["end_s"] - d["start_s"]).to_numpy(float)
+        if horizon_s is not None:
+            span = np.minimum(span, float(horizon_s))
+        short = int((span < interval_s).sum())
+        if not short:
+            continue
+        msg = (f"{key}={interval_s:g} s is longer than {short} of the {len(span)} deployments of "
+               f"{name} (longest {np.nanmax(span):.0f} s): Kayenta judges its first interval "
+               f"{interval_s:g} s after a canary starts, so it never judges those")
+        if short == len(span) and fatal:
+            raise ConfigError(f"{msg}; set {key} to at most {np.nanmax(span):.0f} (e.g. "
+                              f"{key}={max(60, int(np.nanmax(span) // 2))})")
+        log.warning("%s", msg)
+
+
+def _check_scored(evals: list[Evaluation], names: list[str], models: dict[str, str]) -> None:
+    """A judge that produced no score on any tick of any deployment cannot judge this dataset
+    (every tick a fail-safe pause): fail with its reason and the config key to fix."""
+    keys = {"argo": "replay.argo.metrics (and replay.argo.limits_relative_to)",
+            "kayenta": "replay.kayenta.metrics"}
+    for n in names:
+        fam = family(n, models)
+        if fam not in keys or any(np.isfinite(e.result.histories[n].scores).any() for e in evals):
+            continue
+        why = next((str(r.evidence.get("failure") or r.reason) for e in evals
+                    for r in e.result.records if r.policy == n and r.action == "pause"),
+                   "no usable score")
+        raise ConfigError(f"replay: policy {n!r} could not judge a single tick of "
+                          f"{', '.join(e.name for e in evals)} ({why}); its metrics have no data "
+                          f"in this dataset: set {keys[fam]} to metrics the dataset has, e.g. "
+                          f"{keys[fam].split(' ')[0]}=[{', '.join(evals[0].dataset.metrics[:2])}]")
 
 
 def _maker(pcfg: PolicyConfig, scorers: dict[str, Any], models: dict[str, str],
@@ -165,6 +224,13 @@ def _finish(cfg: DictConfig, rc: dict[str, Any], datasets: list[tuple[str, Canon
         m["false_rollbacks"] = false_rollbacks(evals, rp.name)
         hist = _concat([e.result.histories[rp.name] for e in evals])
         pcfg_rp = rp.policy.rollback.config
+        horizon = predict_horizon(rp.full_scorer)
+        if horizon is not None and hist.predicted is not None:  # labels are read: it may look
+            m["predictor_reliability"] = {
+                "horizon_s": horizon,
+                "training_held_back": rp.full_scorer.predictor.reliability,  # type: ignore[union-attr]
+                "evaluation": predictor_reliability(hist, truth, horizon)}
+        hist = policy_history(rp, hist)
         sw = sweep_table(hist, pcfg_rp, truth, breakpoints(hist, pcfg_rp, thresholds))
         sweeps[rp.name] = sw
         m["oracle_operating_points"] = {f"frr<={t:g}": operating_point(sw, t) for t in frr_targets}
@@ -203,13 +269,14 @@ def _finish(cfg: DictConfig, rc: dict[str, Any], datasets: list[tuple[str, Canon
                    "simulated_s": simulated, "speed_x_realtime": simulated / max(wall, 1e-9)},
         "policies": per_policy,
     }
-    missing = [k for k in ("faulty", "healthy") if not (truth["label"] == k).any()]
-    if missing:
+    unmeasured = [k for k in ("detection_rate", "false_rollback_rate", "lead_time_s_p50")
+                  if all(m.get(k) is None for m in per_policy.values())]
+    if unmeasured:
+        labels = truth["label"].value_counts().to_dict()
         summary["protocol"]["not_measured"] = (
-            f"no {' and no '.join(missing)} deployment in the evaluation corpora: "
-            + ", ".join(m for k, m in (("faulty", "detection and lead time"),
-                                        ("healthy", "false rollbacks")) if k in missing)
-            + " cannot be measured (reported as null)")
+            f"{', '.join(unmeasured)} cannot be measured on these corpora (labels {labels}: "
+            "no faulty canary, no canary that ran healthy, or none rolled back with an impact "
+            "time); reported as null")
         log.warning("replay: %s", summary["protocol"]["not_measured"])
     out = Path(cfg.out)
     cal_path = cal_info["path"] if cal_info else None
@@ -371,10 +438,11 @@ def _report(out: Path, ds: CanonicalDataset, result: ReplayResult, policies: lis
         top = list(contrib)[:top_k] or [m.name for m in cat.slo_metrics()][:top_k] or list(
             arrays.metrics[:top_k])
         top = [m for m in top if m in arrays.metrics]
+        thresholds = {p.name: float(p.policy.rollback.config.rollback_threshold) for p in policies}
         pngs.append(report.plot_timeline(arrays, {str(k): v for k, v in d.items()}, scores, decisions,
-                                         float(policies[0].policy.rollback.config.rollback_threshold),
-                                         top, out / f"incident_{_file_safe(dep_id)}.png"))
-    report.write_html(summary, curve, pngs, out / "report.html")
+                                         thresholds, top, out / f"incident_{_file_safe(dep_id)}.png"))
+    reliability = report.plot_reliability(summary["policies"], out / "reliability.png")
+    report.write_html(summary, curve, pngs, out / "report.html", reliability)
 
 
 def _file_safe(name: str) -> str:
@@ -416,7 +484,7 @@ def _log_mlflow(cfg: DictConfig, out: Path, summary: dict[str, Any]) -> None:
                 if m.get(k) is not None:
                     metrics[f"replay/{name}/{k}"] = float(m[k])
             for t, op in m["oracle_operating_points"].items():
-                if op:
+                if op and op.get("caught_before_impact") is not None:
                     metrics[f"replay/{name}/oracle_caught_at_{t.replace('<=', 'le')}"] = float(
                         op["caught_before_impact"])
         mlflow.log_metrics(metrics)

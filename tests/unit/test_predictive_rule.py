@@ -1,0 +1,214 @@
+"""Predictive rollback: the breach predictor (canaryml.models.predict), the policy's predictive
+rule, its sweep (replay calibration) and the model's operating point that carries it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from canaryml.catalog import Catalog
+from canaryml.control.policies import ScorerPolicy
+from canaryml.control.policy import PolicyConfig, RollbackPolicy
+from canaryml.control.types import ScoreResult, Window
+from canaryml.data.dataset import CanonicalDataset
+from canaryml.errors import ConfigError
+from canaryml.models.predict import (
+    FeatureMap,
+    LabelledDeployment,
+    PredictorSpec,
+    fit_on_dataset,
+    fit_predictor,
+    tick_windows,
+)
+from canaryml.models.synthetic import make_corpus
+from canaryml.replay.evaluate import ScoreHistory, sweep_first_rollback
+
+CATALOG = Catalog.from_mapping({
+    "error_rate": {"kind": "app", "direction": "up", "slo": 0.05},
+    "app_cpu": {"kind": "app", "direction": "up"},
+})
+METRICS = ("error_rate", "app_cpu")
+
+
+def _deployment(rng: np.random.Generator, faulty: bool, steps: int = 160) -> LabelledDeployment:
+    """Error ratio 1 % on both groups; a faulty canary's ramps from step 40 to the 5 % SLO at
+    step 110 (impact), its CPU rising with it (a precursor)."""
+    t = np.arange(steps)
+    ts = 1_700_000_000 + 15 * t
+    base = np.stack([0.01 + 0.002 * rng.standard_normal(steps),
+                     1.0 + 0.05 * rng.standard_normal(steps)], 1)
+    can = np.stack([0.01 + 0.002 * rng.standard_normal(steps),
+                    1.0 + 0.05 * rng.standard_normal(steps)], 1)
+    onset = impact = None
+    if faulty:
+        ramp = np.clip((t - 40) / 70.0, 0, None)
+        can[:, 0] += 0.045 * ramp
+        can[:, 1] += 0.5 * ramp
+        onset, impact = float(ts[40]), float(ts[110])
+    return LabelledDeployment(can.astype(np.float32), base.astype(np.float32), ts, faulty, onset,
+                              impact)
+
+
+@pytest.fixture(scope="module")
+def predictor():  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(0)
+    deps = [_deployment(rng, i % 2 == 0) for i in range(40)]
+    return fit_predictor(deps, METRICS, CATALOG, 15.0,
+                         PredictorSpec(horizon_s=600.0, window=60, max_iter=60), seed=0)
+
+
+def test_features_are_named_and_nan_where_nothing_is_observed() -> None:
+    fm = FeatureMap(METRICS, CATALOG, 15.0, PredictorSpec(window=60))
+    rng = np.random.default_rng(1)
+    d = _deployment(rng, True)
+    c, b = tick_windows(d.canary, d.baseline, 60, np.array([0, 50, 159]))
+    x = fm(c, b)
+    assert x.shape == (3, len(fm.names()))
+    age = x[:, fm.names().index("age_s")]
+    assert list(age) == [15.0, 51 * 15.0, 60 * 15.0]  # capped at the window
+    assert np.isnan(fm(c, None)[:, fm.names().index("ratio:1m:app_cpu")]).all()  # no baseline
+
+
+def test_the_predictor_ranks_a_ramp_towards_the_slo_above_healthy_canaries(predictor) -> None:  # type: ignore[no-untyped-def]
+    assert predictor is not None
+    rng = np.random.default_rng(7)
+    ends = np.array([30, 80, 100])  # before onset, mid-ramp, just before impact
+    bad, good = _deployment(rng, True), _deployment(rng, False)
+    p_bad = predictor.predict(*tick_windows(bad.canary, bad.baseline, 60, ends))
+    p_good = predictor.predict(*tick_windows(good.canary, good.baseline, 60, ends))
+    assert p_bad[1] > 0.5 and p_bad[2] > 0.5 and p_bad[0] < 0.5
+    assert (p_good < 0.5).all()
+    rel = predictor.reliability
+    assert rel and sum(r["ticks"] for r in rel) == predictor.info["calibration_ticks"]
+    # an all-NaN canary window has no probability
+    nan = np.full((1, 60, 2), np.nan, np.float32)
+    assert np.isnan(predictor.predict(nan, nan)).all()
+
+
+def test_no_predictor_without_labelled_impacts_or_slo_metrics() -> None:
+    rng = np.random.default_rng(3)
+    healthy = [_deployment(rng, False) for _ in range(10)]
+    assert fit_predictor(healthy, METRICS, CATALOG, 15.0, PredictorSpec(window=60)) is None
+    no_slo = Catalog.from_mapping({m: {"kind": "app", "direction": "up"} for m in METRICS})
+    deps = [_deployment(rng, i % 2 == 0) for i in range(10)]
+    assert fit_predictor(deps, METRICS, no_slo, 15.0, PredictorSpec(window=60)) is None
+
+
+class _Scorer:
+    metrics = METRICS
+    lookback = 1
+
+    def __init__(self, p: float, op: dict | None = None, horizon: float = 600.0) -> None:
+        self.p = p
+        self.operating_point = op
+        self.predictor = SimpleNamespace(horizon_s=horizon, spec=SimpleNamespace(window=1))
+
+    def score(self, window: Window) -> ScoreResult:
+        return ScoreResult(0.1, 0.1, 0.1, 0.1, 0.0, breach_probability=self.p)
+
+
+def _window(now: float) -> Window:
+    return Window("d", now, np.array([int(now)]), np.ones((1, 2), np.float32),
+                  np.ones((1, 2), np.float32), METRICS)
+
+
+def test_the_predictive_rule_rolls_back_on_a_predicted_breach_with_a_low_score() -> None:
+    cfg = PolicyConfig.from_mapping({"rollback_threshold": 0.5, "consecutive_breaches": 1,
+                                     "warmup_s": 0, "predict_probability": 0.8})
+    d, _ = ScorerPolicy("s", _Scorer(0.9), RollbackPolicy(cfg)).step(_window(0.0), 0.0,
+                                                                     RollbackPolicy().initial_state())
+    assert d.action == "rollback" and "predicted SLO breach within 600 s" in d.reason
+    assert d.evidence["breach_probability"] == 0.9 and d.evidence["predicted_breach"]
+    d, _ = ScorerPolicy("s", _Scorer(0.7), RollbackPolicy(cfg)).step(_window(0.0), 0.0,
+                                                                     RollbackPolicy().initial_state())
+    assert d.action == "continue"
+    off = PolicyConfig.from_mapping({"rollback_threshold": 0.5, "consecutive_breaches": 1,
+                                     "warmup_s": 0, "predict_probability": 1.0})
+    d, _ = ScorerPolicy("s", _Scorer(1.0), RollbackPolicy(off)).step(_window(0.0), 0.0,
+                                                                    RollbackPolicy().initial_state())
+    assert d.action == "continue"  # 1.0 turns the rule off
+
+
+def test_null_probability_follows_the_model_and_a_hot_swap_brings_it() -> None:
+    cfg = PolicyConfig.from_mapping({"rollback_threshold": None, "warmup_s": 0})
+    scorer = _Scorer(0.9, {"rollback_threshold": 0.5, "consecutive_breaches": 1,
+                           "predict_probability": 0.95})
+    policy = ScorerPolicy("s", scorer, RollbackPolicy(cfg))
+    d, st = policy.step(_window(0.0), 0.0, policy.initial_state())
+    assert d.action == "continue"  # 0.9 is not over the model's 0.95
+    scorer.operating_point = {"rollback_threshold": 0.5, "consecutive_breaches": 1,
+                              "predict_probability": 0.85}  # the champion is swapped
+    d, _ = policy.step(_window(30.0), 30.0, st)
+    assert d.action == "rollback" and "p=0.90 > 0.85" in d.reason
+    # no predictor: the rule cannot fire whatever the config says
+    bare = SimpleNamespace(operating_point=None)
+    assert PolicyConfig.from_mapping({"predict_probability": 0.5}).for_model(
+        bare).predict_probability is None
+
+
+def test_a_horizon_the_model_was_not_trained_for_is_refused() -> None:
+    cfg = PolicyConfig.from_mapping({"predict_horizon_s": 300, "predict_probability": 0.5})
+    with pytest.raises(ConfigError, match=r"predict_horizon_s=300.*trained for 600"):
+        ScorerPolicy("s", _Scorer(0.9), RollbackPolicy(cfg))
+    with pytest.raises(ConfigError, match="outside the score's range"):
+        PolicyConfig.from_mapping({"predict_probability": 1.5})
+
+
+def test_the_sweep_of_the_predictive_rule_matches_the_policy() -> None:
+    rng = np.random.default_rng(5)
+    D, T = 30, 40
+    times = np.tile(np.arange(T) * 30.0, (D, 1))
+    scores = rng.random((D, T))
+    scores[rng.random((D, T)) < 0.05] = np.nan  # fail-safe ticks
+    predicted = rng.random((D, T))
+    h = ScoreHistory(tuple(f"d{i}" for i in range(D)), times, scores, predicted)
+    cfg = PolicyConfig(warmup_s=60, consecutive_breaches=2, batch_interval_s=300, max_batches=3)
+    for p, thr in ((0.9, 0.95), (0.97, 0.8)):
+        swept = sweep_first_rollback(h.with_predictive_rule(p), cfg, [thr])[0]
+        pol = RollbackPolicy(cfg.with_threshold(thr))
+        from dataclasses import replace
+
+        pol = RollbackPolicy(replace(pol.config, predict_probability=p, predict_horizon_s=600.0))
+        for i in range(D):
+            st = pol.initial_state()
+            first = np.nan
+            for t in range(T):
+                s = scores[i, t]
+                d, st = pol.decide(None if np.isnan(s) else float(s), times[i, t], st,
+                                   predicted=float(predicted[i, t]))
+                if d.action in ("rollback", "shrink") and np.isnan(first):
+                    first = times[i, t]
+            assert (np.isnan(first) and np.isnan(swept[i])) or first == swept[i]
+
+
+def test_a_trained_model_carries_its_predictor_through_save_and_load(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from canaryml.models.networks import NetworkSpec
+    from canaryml.models.scorer import CanaryScorer
+    from canaryml.models.train import TrainerSpec, TrainSpec, train_scorer
+
+    ds = CanonicalDataset(make_corpus(tmp_path / "c", n=24, steps=120, seed=4,
+                                      faulty_fraction=0.5))
+    spec = replace(TrainSpec(), network=NetworkSpec(lookback=16, horizon=4, hidden=8),
+                   trainer=TrainerSpec(max_epochs=1, progress_bar=False, val_fraction=0.25,
+                                       test_fraction=0.0))
+    scorer = train_scorer(ds, spec).scorer
+    assert scorer.predictor is not None  # the synthetic faults all breach 20 steps after onset
+    assert scorer.window_steps == scorer.predictor.spec.window > scorer.lookback
+    scorer.save(tmp_path / "m")
+    back = CanaryScorer.load(tmp_path / "m")
+    arrays = next(ds.iter_arrays())
+    a = scorer.score_series_components(arrays)["breach_probability"]
+    b = back.score_series_components(arrays)["breach_probability"]
+    np.testing.assert_array_equal(a, b)
+    assert np.isfinite(a).any()
+    # one live window scores like the series at its last tick
+    t = len(arrays.timestamps_s) - 1
+    w = Window(arrays.deployment_id, float(arrays.timestamps_s[t]), arrays.timestamps_s,
+               arrays.canary, arrays.baseline, arrays.metrics)
+    assert back.score(w).breach_probability == pytest.approx(a[t], abs=1e-12)
+    assert fit_on_dataset(ds, [], back.metrics, ds.catalog, PredictorSpec()) is None
