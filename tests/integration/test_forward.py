@@ -103,7 +103,10 @@ def test_forwarder_to_tansu_to_serve_kafka_decides(
                          "serve.source.kafka.session_timeout_ms=6000",
                          f"serve.model={tiny_scorer_dir}", "serve.step_s=1",
                          "policy.monitoring_interval_s=1", "serve.max_ticks=15",
-                         "serve.http.port=0", f"serve.decision_log={log_path}"]) == 0
+                         "serve.http.port=0", f"serve.decision_log={log_path}",
+                         # the CLI with a shadow challenger (here the same model): logged only
+                         f"serve.shadow.model={tiny_scorer_dir}",
+                         f"serve.shadow.log={tmp_path / 'shadow.jsonl'}"]) == 0
             metrics = scrape(fwd_url)
             health = requests.get(fwd_url + "/healthz", timeout=5).json()
         finally:
@@ -116,10 +119,18 @@ def test_forwarder_to_tansu_to_serve_kafka_decides(
     # serve decided on the forwarded telemetry: every decision scored
     with DecisionLog(log_path) as log:
         entries = log.entries("web")
-    assert len(entries) >= 5, capsys.readouterr()
+    assert len(entries) >= 5
     for e in entries:
         assert e.score is not None and math.isfinite(e.score), e.reason
         assert "fail-safe" not in e.reason and "warming up" not in e.reason, e.reason
+    # the shadow challenger scored the same windows: one record per decision, all agreeing
+    out = capsys.readouterr().out
+    assert "(logged, never applied)" in out and "agreement 1.000" in out
+    shadow = [json.loads(line) for line in (tmp_path / "shadow.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["challenger_action"]) for s in shadow] == [
+        (e.step, str(e.action)) for e in entries]
+    assert all(s["agree"] and s["challenger_score"] == pytest.approx(s["champion_score"])
+               for s in shadow)
     # the documented event format, keyed by deployment, app and infra metrics, both groups
     assert events
     assert {k for k, _ in events} == {b"web"}

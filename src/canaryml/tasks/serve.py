@@ -84,8 +84,11 @@ def run(cfg: DictConfig) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, on_signal)
     url = service.server.url if service.server is not None else "-"
+    shadow = service.shadow
     print(f"canaryml serve: model {service.holder.version or 'none (pausing)'} from "
-          f"{serve['model']}, http {url}, decision log {serve['decision_log']}", flush=True)
+          f"{serve['model']}, http {url}, decision log {serve['decision_log']}"
+          + ("" if shadow is None else f", shadow {shadow.holder.version or 'not loaded'} "
+             f"from {serve['shadow']['model']} (logged, never applied)"), flush=True)
     try:
         ticks = service.run(max_ticks=serve.get("max_ticks"), duration_s=serve.get("duration_s"),
                             stop=stop)
@@ -95,4 +98,10 @@ def run(cfg: DictConfig) -> int:
         service.close()
     print(f"canaryml serve: stopped after {ticks} tick(s), {service.entries} decision(s), "
           f"{service.holder.swaps} model swap(s), model {service.holder.version or 'none'}")
+    if shadow is not None:
+        t = shadow.tally
+        print(f"canaryml serve: shadow {shadow.holder.version or 'none'}: {t.decisions} would-be "
+              f"decision(s), agreement {t.agreement if t.agreement is not None else float('nan'):.3f}"
+              f", would-be catches {t.outcomes['catch']}, false rollbacks "
+              f"{t.outcomes['false_rollback']}, misses {t.outcomes['miss']}")
     return 0
