@@ -10,6 +10,8 @@ sample as the Controller trims it) is scored by the challenger through its own
 `policy.rollback_threshold` is null) and its own per-deployment policy state. The result is a
 would-be decision: logged, counted, written to `serve.shadow.log` — and never given to the
 actuator, the decision log or the verdict endpoints (the shadow holds no reference to them).
+The shadow's policy state lives in memory: after a restart it starts again from the next
+window (its tally carries on from the model-version tags).
 
 Reported:
   * per tick: one `event=shadow` line (logger `canaryml.shadow`) with both actions, both scores
