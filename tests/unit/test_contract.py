@@ -392,3 +392,29 @@ def test_simulated_corpus_round_trip(tmp_path: Path) -> None:
     # every finite cell comes from at least one sample, and gaps are what is left
     assert 0 < n_values <= n_samples
     assert manifest["counts"]["gaps"] + n_values == manifest["counts"]["rows"] * len(ds.metrics)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_streaming_read_matches_the_whole_table_path(tmp_path: Path, fmt: str) -> None:
+    """A valid bundle streams into integer codes (no samples table held); the table built from
+    them on demand equals what the whole-table reader produces, duplicates and disorder too."""
+    from canaryml.data.contract import read_deployments, read_samples, validate_samples
+
+    deps, samples = tiny_bundle()
+    a, b = samples.copy(), samples.copy()
+    a["instance"], b["instance"] = "pod-a", "pod-b"
+    dups = a.iloc[:5].copy()
+    dups["value"] = 7.0
+    mixed = pd.concat([a, b.sample(frac=1.0, random_state=2), dups])
+    if fmt == "parquet":  # typed timestamps, as Parquet producers write them (text: whole path)
+        mixed["timestamp"] = pd.to_datetime(mixed["timestamp"], utc=True)
+    write_bundle(deps, mixed, tmp_path / "bundle", fmt=fmt)
+    bundle = read_bundle(tmp_path / "bundle")
+    assert bundle.table is None and bundle.codes is not None  # the streaming path was taken
+    assert bundle.num_samples == len(mixed) - 5 and bundle.duplicates_dropped == 5
+    assert bundle.unsorted_rows > 0
+    dep_t = read_deployments(tmp_path / "bundle" / f"deployments.{fmt}")
+    whole, dups_n, unsorted = validate_samples(
+        read_samples(tmp_path / "bundle" / f"samples.{fmt}"), dep_t)
+    assert (dups_n, unsorted) == (bundle.duplicates_dropped, bundle.unsorted_rows)
+    assert bundle.samples.to_pandas().equals(whole.to_pandas())
