@@ -109,6 +109,7 @@ class KafkaSource:
         self._width: dict[str, int] = {}
         self._windowed: dict[str, int] = {}
         self._first_seen: dict[str, float] = {}
+        self._candidates: set[str] = set()  # newest slot past their last window: ready() scans
         self._down: str | None = None
         self.stats = {"events": 0, "duplicates": 0, "late": 0, "out_of_order": 0, "invalid": 0,
                       "unknown_metric": 0, "non_finite": 0, "future": 0, "broker_down": 0}
@@ -159,6 +160,7 @@ class KafkaSource:
             self._partition_of.pop(dep, None)
             for book in (self._newest, self._fill, self._width, self._windowed, self._first_seen):
                 book.pop(dep, None)  # type: ignore[attr-defined]
+            self._candidates.discard(dep)
         self._fetched.clear()
         self._pending.clear()  # re-read from the committed offsets, so rebuilt
         self._position.clear()
@@ -243,6 +245,7 @@ class KafkaSource:
         """Bookkeeping of `ready()`: one more (group, metric) cell of `slot` has a value."""
         fill = self._fill.setdefault(dep, {})
         fill[slot] = fill.get(slot, 0) + 1
+        self._candidates.add(dep)
         if slot > newest or dep not in self._newest:
             self._newest[dep] = slot
             self._first_seen[dep] = time.monotonic()
@@ -258,14 +261,16 @@ class KafkaSource:
         first event `settle_s` ago (a deployment's very first step waits `settle_s`)."""
         now = time.monotonic()
         out = []
-        for dep, slot in self._newest.items():
+        for dep in list(self._candidates):
+            slot = self._newest[dep]
             if slot <= self._windowed.get(dep, slot - 1):
+                self._candidates.discard(dep)  # back when a newer slot arrives (_filled)
                 continue
             width = self._width.get(dep, 0)
             if (width and self._fill[dep].get(slot, 0) >= width) or \
                     now - self._first_seen.get(dep, now) >= self.settle_s:
                 out.append((dep, slot))
-        return out
+        return sorted(out, key=lambda ds: (ds[1], ds[0]))
 
     def refresh(self) -> str | None:
         """Between ticks: learn the partition assignment (a non-blocking poll), then say why the
