@@ -4,7 +4,9 @@ two worker processes sharing one journal, resume, grid (-m), and errors before a
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,7 +119,8 @@ def _run_study(corpus: Path, out: Path, name: str, *extra: str) -> dict:
 
 
 def test_challenger_only_when_it_beats_the_default_and_the_incumbents(
-        mlflow_uri: str, corpus: Path, tmp_path: Path, tiny_scorer_dir: Path) -> None:
+        mlflow_uri: str, corpus: Path, tmp_path: Path, tiny_scorer_dir: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
     client = MlflowClient(mlflow_uri, registry_uri=mlflow_uri)  # not an earlier test's registry
 
     def versions() -> list[str]:
@@ -171,6 +174,19 @@ def test_challenger_only_when_it_beats_the_default_and_the_incumbents(
     # rerunning the finished study registers nothing new
     again = _run_study(corpus, tmp_path, "d", "n_trials=1", "tune.baseline_trial=false")
     assert again["registered"] == d["registered"] and versions() == [*before, mv.version]
+
+    # 5. an incumbent that cannot be replayed on this data (here: its artifacts are gone) has
+    # nothing to beat on the objective: it is left out of the comparison, loudly
+    client.set_model_version_tag("canary-scorer", mv.version, gate.VALUE_TAG, "[-1.0]")
+    client.delete_model_version_tag("canary-scorer", "1", gate.KEY_TAG)
+    source = client.get_model_version("canary-scorer", "1").source
+    model_id = source.removeprefix("models:/")
+    shutil.rmtree(client.get_logged_model(model_id).artifact_location.removeprefix("file://"))
+    caplog.set_level(logging.WARNING, logger="canaryml.tasks.tune")
+    e = _run_study(corpus, tmp_path, "e", "n_trials=1", "tune.baseline_trial=false")
+    assert "@champion v1 cannot be replayed on this study's hold-out" in caplog.text
+    assert e["registered"] is not None and "@champion" not in e["register_decision"]
+    assert f"@challenger v{mv.version} (-1)" in e["register_decision"]
 
 
 def _worker(corpus: Path, out: Path, worker: int, uri: str, n_trials: int,

@@ -579,10 +579,17 @@ def _incumbents(study: optuna.Study, model: str, key: str, runner: TrialRunner, 
             if s.objective == "val_loss":
                 return out, (f"{name} has no val/loss measured on this study's data and hold-out, "
                              "so tune.objective=val_loss cannot compare with it")
-            scorer = tracking.load_scorer(f"models:/{model}/{mv.version}")
-            score = replay_score(scorer, runner.dataset, runner.holdout.holdout, policy,
-                                 max_frr=s.max_frr, thresholds=s.thresholds,
-                                 horizon_s=s.horizon_s, model_version=f"v{mv.version}")
+            try:
+                scorer = tracking.load_scorer(f"models:/{model}/{mv.version}")
+                score = replay_score(scorer, runner.dataset, runner.holdout.holdout, policy,
+                                     max_frr=s.max_frr, thresholds=s.thresholds,
+                                     horizon_s=s.horizon_s, model_version=f"v{mv.version}")
+            except CanarymlError as exc:
+                # e.g. a model of other metrics, or one whose artifacts are gone: it cannot
+                # judge this data, so there is nothing on this objective to beat
+                log.warning("%s cannot be replayed on this study's hold-out, so it is not "
+                            "compared: %s", name, exc)
+                continue
             values = ((score.caught_at_frr,) if s.objective == "replay"
                       else (score.caught, score.false_rollback))
             if training_dataset_hash(client, mv) == runner.dataset.content_hash:
