@@ -394,7 +394,7 @@ def test_simulated_corpus_round_trip(tmp_path: Path) -> None:
     assert manifest["counts"]["gaps"] + n_values == manifest["counts"]["rows"] * len(ds.metrics)
 
 
-@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "parquet-typed"])
 def test_streaming_read_matches_the_whole_table_path(tmp_path: Path, fmt: str) -> None:
     """A valid bundle streams into integer codes (no samples table held); the table built from
     them on demand equals what the whole-table reader produces, duplicates and disorder too."""
@@ -406,8 +406,9 @@ def test_streaming_read_matches_the_whole_table_path(tmp_path: Path, fmt: str) -
     dups = a.iloc[:5].copy()
     dups["value"] = 7.0
     mixed = pd.concat([a, b.sample(frac=1.0, random_state=2), dups])
-    if fmt == "parquet":  # typed timestamps, as Parquet producers write them (text: whole path)
+    if fmt == "parquet-typed":  # typed timestamps, as most Parquet producers write them
         mixed["timestamp"] = pd.to_datetime(mixed["timestamp"], utc=True)
+    fmt = fmt.split("-")[0]
     write_bundle(deps, mixed, tmp_path / "bundle", fmt=fmt)
     bundle = read_bundle(tmp_path / "bundle")
     assert bundle.table is None and bundle.codes is not None  # the streaming path was taken
@@ -418,3 +419,11 @@ def test_streaming_read_matches_the_whole_table_path(tmp_path: Path, fmt: str) -
         read_samples(tmp_path / "bundle" / f"samples.{fmt}"), dep_t)
     assert (dups_n, unsorted) == (bundle.duplicates_dropped, bundle.unsorted_rows)
     assert bundle.samples.to_pandas().equals(whole.to_pandas())
+
+
+def test_mixed_time_zones_parquet_text(tmp_path: Path) -> None:
+    deps, samples = tiny_bundle()
+    samples.loc[[7, 8], "timestamp"] = samples.loc[[7, 8], "timestamp"].str.rstrip("Z")
+    write_bundle(deps, samples, tmp_path / "b")
+    msg = _ingest_fails(tmp_path, tmp_path / "b")
+    assert "samples.parquet" in msg and "mixes time zones" in msg and "rows 7, 8" in msg

@@ -788,8 +788,13 @@ def _batch_codes(col: pa.Array, pos: dict[str, int], grow: bool, out: np.ndarray
     np.take(mapping, col.indices.to_numpy(zero_copy_only=False), out=out)
 
 
-def _batch_timestamps(col: pa.Array, out: np.ndarray) -> None:
-    """Epoch microseconds (int64) of a timestamp column, as `to_utc_timestamps` computes them."""
+def _batch_timestamps(col: pa.Array, out: np.ndarray, text_type: list[pa.DataType]) -> None:
+    """Epoch microseconds (int64) of a timestamp column, as `to_utc_timestamps` computes them.
+
+    ISO-8601 text (a Parquet file written from strings) must keep one zone style in the whole
+    column: the first batch decides (zoned → UTC; naive → taken as UTC) and is remembered in
+    `text_type`; Arrow's cast refuses the other style, so a mix falls back to the whole-table
+    path, which names the rows."""
     if col.null_count:
         raise _Fallback("null timestamp")
     typ = col.type
@@ -797,8 +802,18 @@ def _batch_timestamps(col: pa.Array, out: np.ndarray) -> None:
         micros = pc.cast(col, pa.timestamp("us", tz=typ.tz))  # safe: refuses lossy ns
     elif pa.types.is_integer(typ) or pa.types.is_floating(typ):
         micros = pc.round(pc.multiply(pc.cast(col, pa.float64()), 1e6))
+    elif pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        for target in list(text_type) or [TS, pa.timestamp("us")]:
+            try:
+                micros = pc.cast(col, target)
+            except pa.ArrowInvalid:
+                continue
+            text_type[:] = [target]
+            break
+        else:
+            raise _Fallback("timestamp text")
     else:
-        raise _Fallback("timestamp text")
+        raise _Fallback("timestamp type")
     out[:] = pc.cast(micros, pa.int64()).to_numpy(zero_copy_only=False)
 
 
@@ -866,6 +881,7 @@ def stream_sample_codes(path: Path, deployments: pd.DataFrame) -> SampleCodes:
     met_pos: dict[str, int] = {}
     inst_pos: dict[str, int] = {}
     cols: _Columns | None = None
+    ts_text: list[pa.DataType] = []  # the type ISO-8601 text timestamps parse to (first batch)
     for batch in _sample_batches(path):
         if not batch.num_rows:
             continue
@@ -880,7 +896,7 @@ def stream_sample_codes(path: Path, deployments: pd.DataFrame) -> SampleCodes:
         _batch_codes(batch.column(names.index("metric")), met_pos, True, out["met"])
         if "inst" in out:
             _batch_codes(batch.column(names.index("instance")), inst_pos, True, out["inst"])
-        _batch_timestamps(batch.column(names.index("timestamp")), out["ts"])
+        _batch_timestamps(batch.column(names.index("timestamp")), out["ts"], ts_text)
         _batch_values(batch.column(names.index("value")), out["val"])
     if cols is None:
         raise _Fallback("no rows")
