@@ -121,3 +121,26 @@ def test_config_errors_name_the_keys() -> None:
         build({**base, "deployments": []}, ["latency_p99"], http=False, producer=FakeProducer())
     fwd, server = build(base, ["latency_p99"], http=False, producer=FakeProducer())
     assert server is None and fwd.deployments == ["web"]
+
+
+def test_a_delivery_report_after_its_tick_counts_but_does_not_decide() -> None:
+    """A report for an event of a tick whose flush timed out arrives during the next tick: the
+    event is counted as delivered, and the next tick is judged on its own events only."""
+    clock = [100.0]
+    fwd, _src, prod = make(clock, backfill_steps=1)
+    late: list[Any] = []
+    flush = prod.flush
+
+    def slow_flush(timeout: float) -> int:  # the first tick's reports do not arrive in time
+        late.extend(prod._cbs)
+        prod._cbs = []
+        return len(late)
+
+    prod.flush = slow_flush  # type: ignore[method-assign]
+    assert fwd.tick() == 0 and fwd.next_s == {"web": 100.0}  # not advanced
+    prod.flush = flush  # type: ignore[method-assign]
+    clock[0] = 101.0
+    for cb, _ in late:  # the stragglers report during the next tick
+        prod._cbs.append((cb, False))
+    assert fwd.tick() == 4  # 100 and 101 re-sent and delivered; the 2 late reports don't count
+    assert fwd.produced == 6 and fwd.next_s == {"web": 102.0}

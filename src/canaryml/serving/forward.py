@@ -120,13 +120,21 @@ class Forwarder:
         self.produced = 0
         self._undelivered: dict[str, int] = {}
         self._delivered: dict[str, int] = {}
+        self._tick = 0
 
     def _on_delivery(self, dep: str) -> Callable[[Any, Any], None]:
+        tick = self._tick  # a report arriving after its tick was given up counts, not decides
+
         def done(err: Any, _msg: Any) -> None:
+            current = tick == self._tick
             if err is not None:
-                self._undelivered[dep] = self._undelivered.get(dep, 0) + 1
+                if current:
+                    self._undelivered[dep] = self._undelivered.get(dep, 0) + 1
                 log.debug("kafka delivery failed for deployment=%s: %s", dep, err)
-            else:
+                return
+            self.metrics.events.labels(dep).inc()
+            self.produced += 1
+            if current:
                 self._delivered[dep] = self._delivered.get(dep, 0) + 1
 
         return done
@@ -146,10 +154,12 @@ class Forwarder:
         """One round: pull every deployment's undelivered steps, produce, flush. Returns the
         number of events delivered."""
         end = math.floor(self.clock() / self.step_s) * self.step_s
+        self._tick += 1
         sent: dict[str, tuple[float, int]] = {}
         pulled_all = True
         for dep in self.deployments:
-            first = self.next_s.get(dep, end - (self.backfill_steps - 1) * self.step_s)
+            # the first tick's backfill start is kept even if that tick fails (no gap)
+            first = self.next_s.setdefault(dep, end - (self.backfill_steps - 1) * self.step_s)
             first = max(first, end - (self.max_catchup_steps - 1) * self.step_s)
             if first > end:
                 continue
@@ -178,8 +188,6 @@ class Forwarder:
         for dep, (upto, n) in sent.items():
             ok = self._delivered.get(dep, 0)
             delivered += ok
-            if ok:
-                self.metrics.events.labels(dep).inc(ok)
             if left == 0 and self._undelivered.get(dep, 0) == 0 and ok == n:
                 self.next_s[dep] = upto + self.step_s
                 self.metrics.last.labels(dep).set(upto)
@@ -195,7 +203,6 @@ class Forwarder:
             self.health.ok("kafka")
         self.metrics.ticks.inc()
         self.metrics.batch.set(sum(n for _, n in sent.values()))
-        self.produced += delivered
         return delivered
 
     def run(self, *, interval_s: float, max_ticks: int | None = None,
