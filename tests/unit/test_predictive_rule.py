@@ -82,7 +82,7 @@ def test_the_predictor_ranks_a_ramp_towards_the_slo_above_healthy_canaries(predi
     assert p_bad[1] > 0.5 and p_bad[2] > 0.5 and p_bad[0] < 0.5
     assert (p_good < 0.5).all()
     rel = predictor.reliability
-    assert rel and sum(r["ticks"] for r in rel) == predictor.info["calibration_ticks"]
+    assert rel and sum(r["ticks"] for r in rel) == predictor.info["ticks"]
     # an all-NaN canary window has no probability
     nan = np.full((1, 60, 2), np.nan, np.float32)
     assert np.isnan(predictor.predict(nan, nan)).all()

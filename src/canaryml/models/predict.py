@@ -16,8 +16,9 @@ tick, builds features a reliability engineer would look at:
 A gradient-boosted classifier (scikit-learn `HistGradientBoostingClassifier`, NaN-native) is fitted
 on the labelled ticks of the training split — positive where a faulty canary's fault has begun and
 its first SLO breach (`impact_at`) comes within `horizon_s` — and its output is recalibrated (isotonic regression,
-ranking kept) on held-back deployments, so `0.8` means "8 in 10 such ticks breached". The
-reliability table of those held-back ticks is kept with the model (`reliability`). It needs
+ranking kept) on out-of-fold predictions (deployment folds), so `0.8` means "8 in 10 such ticks
+breached"; the final classifier is fitted on every deployment. The out-of-fold reliability table
+is kept with the model (`reliability`). It needs
 labelled faults with an impact in the training data; without them there is no predictor and the
 policy's predictive rule stays off.
 """
@@ -40,14 +41,14 @@ SHORT, MID, LONG, START = 4, 12, 40, 8  # steps: 1, 3 and 10 minutes, the first 
 
 @dataclass(frozen=True)
 class PredictorSpec:
-    horizon_s: float = 600.0
+    horizon_s: float = 1200.0
     window: int = 240  # steps of history read (the canary's age and first minutes within it)
     tick_every_s: float = 30.0  # training ticks, like the controller's monitoring interval
     max_iter: int = 300
     learning_rate: float = 0.05
     max_leaf_nodes: int = 31
     l2_regularization: float = 1.0
-    calibration_fraction: float = 0.3  # of the fit deployments, held back to recalibrate
+    folds: int = 3  # deployment folds for the out-of-fold recalibration
 
     def __post_init__(self) -> None:
         from canaryml.errors import ConfigError
@@ -275,42 +276,47 @@ def fit_predictor(deployments: Iterable[LabelledDeployment], metrics: Sequence[s
                     "off. Label incidents (fault_onset, impact_at) to enable it.", faulty_deps,
                     positives)
         return None
+    # K folds of whole deployments, stratified (positives spread over the folds): out-of-fold
+    # probabilities recalibrate the final model (fitted on every deployment) and give an honest
+    # reliability table; every deployment trains the model that ships
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(per_dep))
-    # hold back whole deployments, stratified: some with positives, some without
-    pos = [i for i in order if per_dep[i][1].any()]
-    neg = [i for i in order if not per_dep[i][1].any()]
-    held = set(pos[: max(1, int(len(pos) * spec.calibration_fraction))]
-               + neg[: int(len(neg) * spec.calibration_fraction)])
-    fit_i = [i for i in range(len(per_dep)) if i not in held]
-    cal_i = sorted(held)
-    x_fit = np.concatenate([per_dep[i][0] for i in fit_i])
-    y_fit = np.concatenate([per_dep[i][1] for i in fit_i])
-    x_cal = np.concatenate([per_dep[i][0] for i in cal_i])
-    y_cal = np.concatenate([per_dep[i][1] for i in cal_i])
-    model = HistGradientBoostingClassifier(
-        max_iter=spec.max_iter, learning_rate=spec.learning_rate,
-        max_leaf_nodes=spec.max_leaf_nodes, l2_regularization=spec.l2_regularization,
-        random_state=seed).fit(x_fit, y_fit)
-    raw = model.predict_proba(x_cal)[:, 1]
-    calibrator = RankIsotonic().fit(raw, y_cal)
-    # the reliability table is cross-fitted: each half of the held-back deployments is
-    # recalibrated on the other half, so it shows out-of-sample calibration
-    half = np.concatenate([np.full(len(per_dep[i][1]), k % 2) for k, i in enumerate(cal_i)])
-    p_cal = np.empty(len(raw))
-    for h in (0, 1):
-        other = half != h
-        p_cal[~other] = (RankIsotonic().fit(raw[other], y_cal[other]).predict(raw[~other])
-                         if y_cal[other].any() and not y_cal[other].all() else raw[~other])
-    info = {"horizon_s": spec.horizon_s, "fit_ticks": len(y_fit),
-            "fit_positive_ticks": int(y_fit.sum()), "calibration_ticks": len(y_cal),
-            "calibration_positive_ticks": int(y_cal.sum()),
-            "brier_calibration": float(np.mean((p_cal - y_cal) ** 2)),
-            "deployments": len(per_dep), "calibration_deployments": len(cal_i)}
-    log.info("breach predictor: %d ticks (%d positive) to fit, %d held back; Brier %.4f",
-             info["fit_ticks"], info["fit_positive_ticks"], info["calibration_ticks"],
-             info["brier_calibration"])
-    return BreachPredictor(spec, fm, model, calibrator, reliability_table(p_cal, y_cal), info)
+    ranked = [i for i in order if per_dep[i][1].any()] + [i for i in order
+                                                         if not per_dep[i][1].any()]
+    k = max(2, min(spec.folds, faulty_deps))
+    fold_of = np.empty(len(per_dep), np.int64)
+    fold_of[ranked] = np.arange(len(ranked)) % k
+    x = np.concatenate([xx for xx, _ in per_dep])
+    y = np.concatenate([yy for _, yy in per_dep])
+    fold = np.concatenate([np.full(len(yy), fold_of[i]) for i, (_, yy) in enumerate(per_dep)])
+    x[:, ~np.isfinite(x).any(0)] = 0.0  # a feature never observed (e.g. no baseline group)
+
+    def classifier() -> Any:
+        return HistGradientBoostingClassifier(
+            max_iter=spec.max_iter, learning_rate=spec.learning_rate,
+            max_leaf_nodes=spec.max_leaf_nodes, l2_regularization=spec.l2_regularization,
+            random_state=seed)
+
+    oof = np.empty(len(y))
+    for f in range(k):
+        test = fold == f
+        oof[test] = classifier().fit(x[~test], y[~test]).predict_proba(x[test])[:, 1]
+    model = classifier().fit(x, y)
+    calibrator = RankIsotonic().fit(oof, y)
+    # reliability: each fold's probabilities recalibrated on the other folds (out of sample)
+    p_oof = np.empty(len(y))
+    for f in range(k):
+        test = fold == f
+        ok = y[~test].any() and not y[~test].all()
+        p_oof[test] = RankIsotonic().fit(oof[~test], y[~test]).predict(oof[test]) if ok \
+            else oof[test]
+    info = {"horizon_s": spec.horizon_s, "ticks": len(y), "positive_ticks": int(y.sum()),
+            "deployments": len(per_dep), "faulty_deployments_with_impact": faulty_deps,
+            "folds": k, "brier_out_of_fold": float(np.mean((p_oof - y) ** 2))}
+    log.info("breach predictor: %d ticks (%d positive) of %d deployments, %d folds; "
+             "out-of-fold Brier %.4f", info["ticks"], info["positive_ticks"], len(per_dep), k,
+             info["brier_out_of_fold"])
+    return BreachPredictor(spec, fm, model, calibrator, reliability_table(p_oof, y), info)
 
 
 def _epoch_s(value: Any) -> float | None:

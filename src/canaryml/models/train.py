@@ -62,7 +62,7 @@ class TrainerSpec:
     # reference, as in the published protocols; simulated and real canaries keep `unknown` out
     unknown_is_normal: bool = False
     # the breach predictor's horizon (predictive rollback, canaryml.models.predict); null/0 = none
-    predict_horizon_s: float | None = 600.0
+    predict_horizon_s: float | None = 1200.0
 
 
 @dataclass(frozen=True)
@@ -272,7 +272,7 @@ def train_scorer(dataset: CanonicalDataset, spec: TrainSpec, *, work_dir: Path |
             seed=spec.seed)
         metrics_out["train/predictor_fit_s"] = time.perf_counter() - t0
         if scorer.predictor is not None:
-            metrics_out["predictor/brier"] = scorer.predictor.info["brier_calibration"]
+            metrics_out["predictor/brier_out_of_fold"] = scorer.predictor.info["brier_out_of_fold"]
     for stage, items in (("test", test_items),):
         if items:
             metrics_out |= {f"{stage}/{k}": v for k, v in evaluate(scorer, items).items()}
