@@ -12,6 +12,7 @@ from canaryml.control.policies import KayentaJudge, ScorerPolicy, ThresholdJudge
 from canaryml.control.policy import PolicyConfig, RollbackPolicy
 from canaryml.data.dataset import CanonicalDataset
 from canaryml.models.synthetic import make_corpus
+from canaryml.replay import runner
 from canaryml.replay.runner import ReplayPolicy, ReplayResult, progress_bar, replay
 from canaryml.replay.standin import GapZScorer
 
@@ -46,6 +47,9 @@ def test_workers_and_prefetch_do_not_change_the_replay(corpus: CanonicalDataset,
     assert two.workers == 2 and len(one.outcomes) == 18
     _same(one, two)
     monkeypatch.setattr(KayentaJudge, "prefetch", lambda self, windows: None)
+    _same(one, replay(corpus, _policies(corpus), interval_s=30.0, progress=False, workers=1))
+    # the judges' scores without the decision machinery equal their shadow Controller.step's
+    monkeypatch.setattr(runner, "_judge_scores", lambda shadow, dep_id, ticks: None)
     _same(one, replay(corpus, _policies(corpus), interval_s=30.0, progress=False, workers=1))
 
 

@@ -28,8 +28,14 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from canaryml.control.controller import Controller, LogRecord, MemoryLog, trim_before
-from canaryml.control.policies import Policy, ScorerPolicy
+from canaryml.control.controller import (
+    Controller,
+    LogRecord,
+    MemoryLog,
+    trim_before,
+    window_problem,
+)
+from canaryml.control.policies import KayentaJudge, Policy, ScorerPolicy, ThresholdJudge
 from canaryml.control.policy import RollbackPolicy
 from canaryml.control.types import Scorer, Window
 from canaryml.data.dataset import CanonicalDataset, DeploymentArrays
@@ -299,8 +305,10 @@ def _replay_deployment(dep_id: str) -> dict[str, Any]:
         else:
             assert shadow is not None
             _prefetch(rp, shadow, arrays, ticks)
-            hist = np.array([np.nan if r.score is None else r.score
-                             for r in (shadow.step(dep_id, now) for now in ticks)], float)
+            judged = _judge_scores(shadow, dep_id, ticks)
+            hist = judged if judged is not None else np.array(
+                [np.nan if r.score is None else r.score
+                 for r in (shadow.step(dep_id, now) for now in ticks)], float)
         recs: list[LogRecord] = []
         outcome = None
         if plan.decide:
@@ -310,6 +318,61 @@ def _replay_deployment(dep_id: str) -> dict[str, Any]:
             outcome = _outcome(dep_id, rp.name, recs)
         out["policies"][rp.name] = {"records": recs, "outcome": outcome, "history": hist,
                                     "predicted": predicted, "wall_s": time.perf_counter() - t0}
+    return out
+
+
+def _judge_scores(shadow: Controller, dep_id: str, ticks: list[float]) -> np.ndarray | None:
+    """The score a never-acting judge reports at every tick — what `shadow.step` records, tick
+    for tick (a unit test holds them equal) — without the decision machinery around it: the
+    controller's window (fetch, rows before the first sample dropped, unusable windows a
+    fail-safe) and the judge's own measurement and interval schedule. None: not a judge this
+    knows (or an error limit that could end the shadow run), use `shadow.step`."""
+    pol = shadow.policy
+    if pol.rollback.config.consecutive_error_limit is not None or not isinstance(
+            pol, ThresholdJudge | KayentaJudge):
+        return None
+    out = np.full(len(ticks), np.nan)
+    first: float | None = None
+    last_eval: float | None = None
+    last_score: float | None = None
+    started = ticks[0] if ticks else 0.0
+    for i, now in enumerate(ticks):
+        try:
+            w = shadow.source.fetch(dep_id, now, shadow.lookback)
+        except Exception:  # the controller's fail-safe: no score this tick
+            continue
+        can = np.asarray(w.canary)
+        if can.ndim == 2 and can.shape[0]:
+            if first is None:
+                has = np.isfinite(can).any(axis=1)
+                if w.baseline is not None:
+                    has |= np.isfinite(np.asarray(w.baseline)).any(axis=1)
+                if has.any():
+                    first = float(w.timestamps_s[int(np.argmax(has))])
+            if first is not None:
+                w = trim_before(w, first)
+        if window_problem(w) is not None:
+            continue
+        if isinstance(pol, ThresholdJudge):
+            try:
+                score, _ = pol.measure(w)
+            except ValueError:
+                continue
+            if score is not None:
+                out[i] = score
+            continue
+        due = (now - started >= pol.interval_s if last_eval is None
+               else now - last_eval >= pol.interval_s)
+        if not due:
+            if last_score is not None:
+                out[i] = last_score
+            continue
+        try:
+            kscore, _ = pol.judge(w)
+        except Exception:  # the judge's fail-safe: no score, the interval is judged again
+            continue
+        last_eval, last_score = now, 1.0 - kscore / 100.0
+        out[i] = last_score
     return out
 
 
