@@ -223,3 +223,15 @@ def test_argo_limits_relative_to_the_baseline_for_metrics_without_an_slo() -> No
         w = Window("d", 180.0, ts, base * factor, base, ("latency_p99",))
         d, _ = judge.step(w, 180.0, judge.initial_state())
         assert d.action == want
+
+
+def test_metrics_from_truth_arrays_equal_the_table() -> None:
+    from canaryml.replay.evaluate import truth_arrays
+
+    rng = np.random.default_rng(2)
+    n = 80
+    label = rng.choice(["faulty", "healthy", "unknown"], n)
+    onset = np.where(label == "faulty", rng.uniform(0, 900, n), np.nan)
+    table = _table(list(label), list(onset), list(onset + rng.uniform(0, 600, n)))
+    decided = np.where(rng.random(n) < 0.5, rng.uniform(0, 1500, n), np.nan)
+    assert metrics_from_times(decided, truth_arrays(table)) == metrics_from_times(decided, table)

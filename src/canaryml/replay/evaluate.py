@@ -21,7 +21,7 @@ rescoring) for every threshold at once: `sweep_first_rollback` is a vectorised t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -114,16 +114,32 @@ def _pct(values: np.ndarray, q: float) -> float | None:
     return float(np.percentile(v, q)) if len(v) else None
 
 
-def metrics_from_times(decided_at: np.ndarray, deployments: pd.DataFrame) -> dict[str, Any]:
+_TRUTH = ("label", "fault_onset_s", "impact_at_s", "start_s")
+
+
+def truth_arrays(deployments: pd.DataFrame | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The columns `metrics_from_times` reads, as numpy arrays (index them once per resample
+    instead of the DataFrame)."""
+    out = {"label": np.asarray(deployments["label"]),
+           "fault_onset_s": np.asarray(deployments["fault_onset_s"], float),
+           "impact_at_s": np.asarray(deployments["impact_at_s"], float)}
+    if "start_s" in deployments:
+        out["start_s"] = np.asarray(deployments["start_s"], float)
+    return out
+
+
+def metrics_from_times(decided_at: np.ndarray, deployments: pd.DataFrame | Mapping[str, np.ndarray]
+                       ) -> dict[str, Any]:
     """DESIGN §7 metrics from the first-rollback time per deployment (NaN = not rolled back).
-    `deployments` aligned with `decided_at`: label, fault_onset_s, impact_at_s (NaN = none) and
-    start_s (when present; a fault with onset after the start had a healthy stretch first)."""
-    label = deployments["label"].to_numpy()
+    `deployments` aligned with `decided_at` (a table or `truth_arrays`): label, fault_onset_s,
+    impact_at_s (NaN = none) and start_s (when present; a fault with onset after the start had
+    a healthy stretch first)."""
+    label = np.asarray(deployments["label"])
     faulty, healthy = label == "faulty", label == "healthy"
     rb = np.isfinite(decided_at)
-    impact = deployments["impact_at_s"].to_numpy(float)
-    onset = deployments["fault_onset_s"].to_numpy(float)
-    start = (deployments["start_s"].to_numpy(float) if "start_s" in deployments
+    impact = np.asarray(deployments["impact_at_s"], float)
+    onset = np.asarray(deployments["fault_onset_s"], float)
+    start = (np.asarray(deployments["start_s"], float) if "start_s" in deployments
              else np.full(len(label), -np.inf))
     early = faulty & rb & np.isfinite(onset) & (decided_at < onset)  # a false alarm
     caught = faulty & rb & ~early
@@ -159,10 +175,10 @@ def bootstrap_intervals(decided_at: np.ndarray, deployments: pd.DataFrame, keys:
     idx_by = [np.flatnonzero(groups == g) for g in np.unique(groups)]
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {k: [] for k in keys}
-    table = deployments.reset_index(drop=True)
+    cols = truth_arrays(deployments.reset_index(drop=True))
     for _ in range(int(n_boot)):
         idx = np.concatenate([rng.choice(ix, size=len(ix), replace=True) for ix in idx_by])
-        m = metrics_from_times(decided_at[idx], table.iloc[idx].reset_index(drop=True))
+        m = metrics_from_times(decided_at[idx], {k: v[idx] for k, v in cols.items()})
         for k in keys:
             if m.get(k) is not None:
                 draws[k].append(float(m[k]))
@@ -175,9 +191,10 @@ def sweep_table(history: ScoreHistory, cfg: PolicyConfig, deployments: pd.DataFr
                 thresholds: np.ndarray) -> pd.DataFrame:
     """Detection vs false rollback over `thresholds` (deployments aligned with the history)."""
     first = sweep_first_rollback(history, cfg, thresholds)
+    truth = truth_arrays(deployments)
     rows = []
     for k, thr in enumerate(thresholds):
-        m = metrics_from_times(first[k], deployments)
+        m = metrics_from_times(first[k], truth)
         rows.append({"threshold": float(thr), "detection_rate": m["detection_rate"],
                      "false_rollback_rate": m["false_rollback_rate"],
                      "caught_before_impact": m["caught_before_impact"],
