@@ -258,6 +258,7 @@ def _measure(n: int, *, mode: str, scorer: Any, corpus_arrays: list[Any], tmp: P
         for fut in admin.create_topics([NewTopic(topic, num_partitions=partitions,
                                                replication_factor=1)]).values():
             fut.result(10)
+        del admin  # its client thread would outlive this run's broker
         kafka = KafkaSource(bootstrap, topic, "bench-controller", list(metrics), step_s=step_s,
                             buffer_steps=history + rounds + 8, poll_timeout_s=0.005,
                             config={"fetch.wait.max.ms": 5, "fetch.min.bytes": 1})
@@ -441,8 +442,10 @@ def run(out_dir: Path, n_deployments: Sequence[int] | int = (100, 1000), rounds:
         if n in {int(b) for b in baseline_at}:
             plan.append((n, "per_decision", round_s, rounds))
     if stress:
-        plan.append((int(stress["n_deployments"]), "group_commit", float(stress["round_s"]),
-                     int(stress["rounds"])))
+        for mode in ("group_commit", "per_decision") if stress.get("baseline") else (
+                "group_commit",):
+            plan.append((int(stress["n_deployments"]), mode, float(stress["round_s"]),
+                         int(stress["rounds"])))
     out_dir = Path(out_dir)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -497,12 +500,14 @@ def run(out_dir: Path, n_deployments: Sequence[int] | int = (100, 1000), rounds:
                  "the previous loop body measured in this run; the Kubernetes PATCH itself is "
                  "not included"),
     }
+    from importlib import metadata
+
     import confluent_kafka
 
     result = {"summary": summary, "runs": runs, "env": {
         "python": platform.python_version(), "machine": platform.machine(),
         "processor": platform.processor(), "cpus": os.cpu_count(), "torch": torch.__version__,
-        "torch_threads": 1, "confluent_kafka": confluent_kafka.version()[0],
+        "torch_threads": 1, "confluent_kafka": metadata.version("confluent-kafka"),
         "librdkafka": confluent_kafka.libversion()[0], "sqlite": __import__("sqlite3")
         .sqlite_version, "numpy": np.__version__}}
     atomic_write_json(out_dir / "controller.json", result)
