@@ -66,6 +66,9 @@ def config(command: str, **kwargs: Any) -> DictConfig:
 
 
 def _run(command: str, kwargs: Mapping[str, Any]) -> DictConfig:
+    from canaryml.cli import quiet_third_party
+
+    quiet_third_party()  # the CLI's filters (Lightning's tip and pytree warning, …)
     cfg = config(command, **kwargs)
     task = importlib.import_module(f"canaryml.tasks.{command}")
     code = int(task.run(cfg) or 0)

@@ -140,6 +140,12 @@ def setup_logging() -> None:
     )
     for noisy in ("alembic", "mlflow.store", "urllib3", "kafka", "matplotlib", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_third_party()
+
+
+def quiet_third_party() -> None:
+    """Drop third-party noise printed on every run (the CLI and the Python API alike); leaves
+    the root logger alone."""
     # Lightning advertises its cloud logger on every Trainer; only that line is dropped
     rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if not any(isinstance(f, _DropLitLoggerTip) for f in rank_zero.filters):
@@ -147,6 +153,12 @@ def setup_logging() -> None:
     # Lightning's own use of a deprecated torch pytree API, printed on every fit; not ours to fix
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             module=r"pytorch_lightning\.")
+    # MLflow's own use of deprecated SQLAlchemy and pandas APIs, printed by every store open
+    # and model log; not ours to fix either
+    warnings.filterwarnings("ignore", message=r"The ``noload`` loader strategy is deprecated",
+                            module=r"mlflow\.")
+    warnings.filterwarnings("ignore", message=r"Operation with range is deprecated",
+                            module=r"mlflow\.")
     # a progress bar per artifact download (log_model validates by downloading) is noise in logs
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
