@@ -354,6 +354,12 @@ def show_cfg(command: str, overrides: Sequence[str], package: str | None, resolv
                               f"`canaryml {command}`; top-level keys: {sorted(str(k) for k in cfg)}")
         if not OmegaConf.is_config(node):
             return f"{package}: {node}"
+        if resolve:  # interpolations may point outside the package (forward → serve.*)
+            try:
+                node = OmegaConf.to_container(node, resolve=True)
+            except OmegaConfBaseException as exc:
+                raise ConfigError(f"cannot resolve the config of `canaryml {command}`: "
+                                  f"{exc}") from exc
         node = OmegaConf.create({package: node})  # keep the group's name, like Hydra's -p
     try:
         return OmegaConf.to_yaml(node, resolve=resolve).rstrip("\n")

@@ -265,3 +265,13 @@ def test_serve_with_nothing_to_watch_is_an_error_not_a_silent_loop(
     err = capsys.readouterr().err
     assert "no deployment to watch" in err and "serve.deployments" in err
     assert "serve.discover" in err and "serve.source.kind=kafka" in err
+
+
+def test_cfg_job_resolves_a_package_that_interpolates_another_group(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`canaryml forward --cfg job -p forward --resolve`: forward's defaults point at serve.*"""
+    assert main(["forward", "--cfg", "job", "-p", "forward", "--resolve",
+                 "serve.source.kafka.topic=mine"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["forward"]["kafka"]["topic"] == "mine"
+    assert set(shown["forward"]["prometheus"]["queries"]) == set(compose("serve").metrics)

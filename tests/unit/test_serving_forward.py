@@ -144,3 +144,41 @@ def test_a_delivery_report_after_its_tick_counts_but_does_not_decide() -> None:
         prod._cbs.append((cb, False))
     assert fwd.tick() == 4  # 100 and 101 re-sent and delivered; the 2 late reports don't count
     assert fwd.produced == 6 and fwd.next_s == {"web": 102.0}
+
+
+class FakeDiscovery:
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+        self.down = False
+
+    def discover(self) -> list[dict[str, Any]]:
+        if self.down:
+            raise ConnectionError("api server down")
+        return self.entries
+
+
+def test_discovered_canaries_are_forwarded_with_their_annotated_selectors() -> None:
+    from canaryml.serving.prometheus import PrometheusSource
+
+    class Source(PrometheusSource):
+        def query_range(self, query: str, start_s: float, end_s: float) -> dict[float, float]:
+            return {t: 1.0 for t in np.arange(start_s, end_s + 1)}
+
+    src = Source("http://127.0.0.1:1", {"latency_p99": "max(x{{selector}})"}, {}, step_s=1.0)
+    disc = FakeDiscovery()
+    prod = FakeProducer()
+    clock = [100.0]
+    fwd = Forwarder(src, prod, "t", [], backfill_steps=1, discovery=disc,
+                    clock=lambda: clock[0])
+    assert fwd.tick() == 0 and fwd.deployments == []
+    disc.entries = [{"id": "web", "selectors": {"canary": 'app="web"', "baseline": None}},
+                    {"id": "api"}]  # no canary-selector annotation: skipped
+    clock[0] = 101.0
+    assert fwd.tick() == 1 and fwd.deployments == ["web"]
+    assert prod.sent[-1] == (b"web", {"deployment_id": "web", "group": "canary",
+                                      "metric": "latency_p99", "value": 1.0,
+                                      "timestamp": 101.0})
+    disc.down = True
+    clock[0] = 102.0
+    assert fwd.tick() == 1 and fwd.deployments == ["web"]  # the API down: known ones kept
+    assert "discovery" in fwd.health.snapshot()["reasons"]

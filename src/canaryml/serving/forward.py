@@ -97,14 +97,17 @@ class Forwarder:
                  deployments: Sequence[str], *, backfill_steps: int = 60,
                  max_catchup_steps: int = 240, flush_timeout_s: float = 10.0,
                  metrics: ForwardMetrics | None = None, health: Health | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, discovery: Any = None) -> None:
         if backfill_steps < 1 or max_catchup_steps < 1:
             raise ConfigError(f"forward.backfill_steps={backfill_steps} and "
                               f"forward.max_catchup_steps={max_catchup_steps} must be >= 1")
-        if not deployments:
+        if not deployments and discovery is None:
             raise ConfigError("forward.deployments is empty: list the deployments to forward "
                               "as [{id, selectors: {canary, baseline}}] (default: "
-                              "serve.deployments)")
+                              "serve.deployments) or discover them (forward.discover, default "
+                              "serve.discover)")
+        self.discovery = discovery  # KubeDiscovery: canary objects by label, re-listed per tick
+        self._discovered: dict[str, dict[str, Any]] = {}
         self.source = source
         self.producer = producer
         self.topic = str(topic)
@@ -150,9 +153,37 @@ class Forwarder:
                 self.producer.poll(1.0 * (attempt + 1))
         self._undelivered[dep] = self._undelivered.get(dep, 0) + 1
 
+    def discover(self) -> None:
+        """Add discovered canaries (their canaryml.io/canary-selector annotations) to the
+        deployments forwarded; on an API error keep the known ones and say so."""
+        if self.discovery is None:
+            return
+        try:
+            found = self.discovery.discover()
+        except Exception as exc:
+            self.metrics.error("discovery")
+            self.health.degraded("discovery", f"{type(exc).__name__}: {exc}")
+            log.warning("forward: discovery failed (%s); keeping %d deployment(s)", exc,
+                        len(self.deployments))
+            return
+        self.health.ok("discovery")
+        for entry in found:
+            dep = str(entry["id"])
+            if self._discovered.get(dep) == entry:
+                continue
+            why = self.source.wire(dict(entry))
+            if why is not None:
+                log.warning("forward: discovered %s skipped: %s", dep, why)
+                continue
+            self._discovered[dep] = dict(entry)
+            if dep not in self.deployments:
+                self.deployments.append(dep)
+                log.info("forward: discovered deployment %s", dep)
+
     def tick(self) -> int:
         """One round: pull every deployment's undelivered steps, produce, flush. Returns the
         number of events delivered."""
+        self.discover()
         end = math.floor(self.clock() / self.step_s) * self.step_s
         self._tick += 1
         sent: dict[str, tuple[float, int]] = {}
@@ -274,13 +305,23 @@ def build(fwd: Mapping[str, Any], catalog_names: Sequence[str], *, http: bool = 
             "acks": "all",
             "error_cb": lambda err: log.warning("kafka: %s", err),
         })
+    discovery = None
+    if fwd.get("discover"):
+        from canaryml.serving.service import KubeDiscovery, kube_api_client
+
+        d = dict(fwd["discover"])
+        discovery = KubeDiscovery(kube_api_client(fwd.get("kube_host")),
+                                  str(d.get("namespace") or "default"),
+                                  str(d.get("label_selector") or ""),
+                                  kind="argo" if fwd.get("discover_kind") == "argo"
+                                  else "deployment")
     metrics_ = ForwardMetrics()
     health = Health()
     forwarder = Forwarder(source, producer, str(k["topic"]), list(selectors),
                           backfill_steps=int(fwd.get("backfill_steps", 60)),
                           max_catchup_steps=int(fwd.get("max_catchup_steps", 240)),
                           flush_timeout_s=float(k.get("flush_timeout_s", 10.0)),
-                          metrics=metrics_, health=health)
+                          metrics=metrics_, health=health, discovery=discovery)
     server = None
     if http:
         from canaryml.errors import config_int
