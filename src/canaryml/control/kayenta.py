@@ -186,19 +186,27 @@ _RTOL = 4 * np.finfo(float).eps  # scipy.optimize.brentq's default rtol
 _MAXITER = 100  # and its default maxiter
 
 
+def _copies(v: np.ndarray) -> np.ndarray:
+    """Per element of each row of `v` [P, K]: how many elements of its row equal it (NaN: 0)."""
+    return (v[:, :, None] == v[:, None, :]).sum(2)
+
+
 def _wdiff_batch(x: np.ndarray, y: np.ndarray, nx: np.ndarray, ny: np.ndarray, d: np.ndarray,
-                 zq: np.ndarray) -> np.ndarray:
-    """`_wdiff` of P problems at once: x [P, NX], y [P, NY] NaN-padded, shifts d [P], zq [P].
-    Every operation is the scalar function's, in the same order, so the values are identical."""
+                 zq: np.ndarray, y_copies: np.ndarray) -> np.ndarray:
+    """`_wdiff` of P problems at once: x [P, NX], y [P, NY] NaN-padded, shifts d [P], zq [P],
+    `_copies(y)`. Every operation is the scalar function's, in the same order (the tie count
+    exactly, in integers), so the values are identical."""
     xd = x - d[:, None]
     diff = xd[:, :, None] - y[:, None, :]  # NaN pads compare false: they count nowhere
-    dz = ((diff > 0).sum((1, 2)).astype(np.float64) + 0.5 * (diff == 0).sum((1, 2))
+    eq = diff == 0
+    cross_x, cross_y = eq.sum(2), eq.sum(1)  # equal values in the other group
+    dz = ((diff > 0).sum((1, 2)).astype(np.float64) + 0.5 * cross_x.sum(1)
           - (nx * ny) / 2.0)
-    z = np.concatenate([xd, y], axis=1)
-    # Σ over distinct values of (c³ − c) = Σ over elements of (copies of its value)² − n
-    same = (z[:, :, None] == z[:, None, :]).sum(2)
+    # Σ over distinct values of (c³ − c) = Σ over elements of (copies of its value)² − n, the
+    # copies of an element of c(x − d, y) being those in its own group plus those in the other
     n = nx + ny
-    ties = (same.astype(np.int64) ** 2).sum(1) - n
+    ties = (((_copies(xd) + cross_x).astype(np.int64) ** 2).sum(1)
+            + ((y_copies + cross_y).astype(np.int64) ** 2).sum(1) - n)
     sigma = np.sqrt((nx * ny / 12.0) * ((n + 1) - ties.astype(np.float64) / (n * (n - 1))))
     correction = np.where(dz != 0, np.copysign(0.5, dz), 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -303,9 +311,11 @@ def _mann_whitney_chunk(pairs: Sequence[tuple[np.ndarray, np.ndarray]], confiden
     rows = np.concatenate([np.arange(P)] * 4)
     zq = np.concatenate([np.zeros(P), np.full(P, z_hi), np.full(P, z_lo), np.zeros(P)])
 
+    y_copies = _copies(Y)
+
     def f(idx: np.ndarray, d: np.ndarray) -> np.ndarray:
         r = rows[idx]
-        return _wdiff_batch(X[r], Y[r], nx[r], ny[r], d, zq[idx])
+        return _wdiff_batch(X[r], Y[r], nx[r], ny[r], d, zq[idx], y_copies[r])
 
     at0 = f(np.arange(P), np.zeros(P))
     p = [min(1.0, math.erfc(abs(float(v)) / math.sqrt(2.0))) for v in at0]
