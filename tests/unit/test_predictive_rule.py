@@ -212,3 +212,17 @@ def test_a_trained_model_carries_its_predictor_through_save_and_load(tmp_path: P
                arrays.canary, arrays.baseline, arrays.metrics)
     assert back.score(w).breach_probability == pytest.approx(a[t], abs=1e-12)
     assert fit_on_dataset(ds, [], back.metrics, ds.catalog, PredictorSpec()) is None
+
+
+def test_the_flat_forest_predicts_exactly_what_scikit_learn_predicts(predictor) -> None:  # type: ignore[no-untyped-def]
+    from canaryml.models.predict import FlatForest
+
+    rng = np.random.default_rng(11)
+    d = _deployment(rng, True)
+    x = predictor.features(*tick_windows(d.canary, d.baseline, 60, np.arange(160)))
+    x[rng.random(x.shape) < 0.1] = np.nan  # missing values take each split's learned side
+    forest = FlatForest.from_model(predictor.model)
+    assert forest is not None
+    np.testing.assert_allclose(forest.predict_proba(x), predictor.model.predict_proba(x)[:, 1],
+                               rtol=0, atol=1e-12)
+    assert FlatForest.from_model(object()) is None  # not a fitted model: predict_proba is used
