@@ -25,13 +25,15 @@ def _ci(m: dict[str, Any], key: str, digits: int = 2) -> str:
 
 def headline(summary: dict[str, Any]) -> str:
     rows = ["| policy | detection | false rollbacks | healthy rolled back | caught before impact "
-            "| lead time p50 (s) | onset → rollback p50 (s) | oracle: caught @FRR ≤ 1 % |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| lead time p50 (s) | lead share p50 | onset → rollback p50 (s) "
+            "| oracle: caught @FRR ≤ 1 % |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, m in summary["policies"].items():
         oracle = (m.get("oracle_operating_points", {}).get("frr<=0.01") or {})
         rows.append(f"| {name} | {_ci(m, 'detection_rate')} | {_ci(m, 'false_rollback_rate', 3)} "
                     f"| {_f(m.get('healthy_rolled_back_rate'), 3)} "
                     f"| {_ci(m, 'caught_before_impact')} | {_ci(m, 'lead_time_s_p50', 0)} "
+                    f"| {_ci(m, 'lead_share_p50')} "
                     f"| {_ci(m, 'time_to_detect_s_p50', 0)} "
                     f"| {_f(oracle.get('caught_before_impact'))} |")
     return "\n".join(rows)

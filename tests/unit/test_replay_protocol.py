@@ -235,3 +235,17 @@ def test_metrics_from_truth_arrays_equal_the_table() -> None:
     table = _table(list(label), list(onset), list(onset + rng.uniform(0, 600, n)))
     decided = np.where(rng.random(n) < 0.5, rng.uniform(0, 1500, n), np.nan)
     assert metrics_from_times(decided, truth_arrays(table)) == metrics_from_times(decided, table)
+
+
+def test_lead_share_is_the_lead_time_over_the_faults_own_onset_to_impact() -> None:
+    import pandas as pd
+
+    from canaryml.replay.evaluate import metrics_from_times
+
+    deps = pd.DataFrame({"label": ["faulty", "faulty", "faulty", "healthy"],
+                         "fault_onset_s": [0.0, 100.0, 0.0, np.nan],
+                         "impact_at_s": [100.0, 500.0, np.nan, np.nan]})
+    # caught 20 s after onset (share 0.8), caught at 300 s of 100 → 500 (share 0.5), no impact
+    m = metrics_from_times(np.array([20.0, 300.0, 50.0, np.nan]), deps)
+    assert m["lead_share_p50"] == pytest.approx(0.65)
+    assert m["lead_time_s_p50"] == pytest.approx(140.0)

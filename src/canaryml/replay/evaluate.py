@@ -146,6 +146,10 @@ def metrics_from_times(decided_at: np.ndarray, deployments: pd.DataFrame | Mappi
     before = caught & (~np.isfinite(impact) | (decided_at < impact))
     lead = np.where(caught & np.isfinite(impact), impact - decided_at, np.nan)
     ttd = np.where(caught & np.isfinite(onset), decided_at - onset, np.nan)
+    # lead time as a share of the fault's own onset → impact time (1 = at onset, 0 = at impact)
+    span = impact - onset
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lead_share = np.where(caught & np.isfinite(span) & (span > 0), lead / span, np.nan)
     # every canary that ran healthy for a while could be falsely rolled back: the healthy ones
     # and the faulty ones whose fault began after the start
     healthy_runs = healthy | (faulty & np.isfinite(onset) & (onset > start))
@@ -162,6 +166,7 @@ def metrics_from_times(decided_at: np.ndarray, deployments: pd.DataFrame | Mappi
     for q in (10, 50, 90):
         out[f"lead_time_s_p{q}"] = _pct(lead, q)
         out[f"time_to_detect_s_p{q}"] = _pct(ttd, q)
+    out["lead_share_p50"] = _pct(lead_share, 50)
     return out
 
 

@@ -69,7 +69,7 @@ def predict_mode(name: str) -> str:
 JUDGES = ("argo", "kayenta")
 HEADLINE = ("detection_rate", "false_rollback_rate", "caught_before_impact",
             "healthy_rolled_back_rate", "rolled_back_before_onset_rate",
-            "lead_time_s_p50", "time_to_detect_s_p50")
+            "lead_time_s_p50", "lead_share_p50", "time_to_detect_s_p50")
 
 
 def family(name: str, models: Mapping[str, str]) -> str:

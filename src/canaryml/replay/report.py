@@ -20,7 +20,8 @@ from canaryml.data.dataset import DeploymentArrays
 log = logging.getLogger(__name__)
 
 TABLE_COLS = ("detection_rate", "false_rollback_rate", "caught_before_impact",
-              "lead_time_s_p10", "lead_time_s_p50", "lead_time_s_p90", "time_to_detect_s_p50")
+              "lead_time_s_p10", "lead_time_s_p50", "lead_time_s_p90", "lead_share_p50",
+              "time_to_detect_s_p50")
 
 
 def _plt() -> Any:
