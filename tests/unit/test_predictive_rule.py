@@ -226,3 +226,51 @@ def test_the_flat_forest_predicts_exactly_what_scikit_learn_predicts(predictor) 
     np.testing.assert_allclose(forest.predict_proba(x), predictor.model.predict_proba(x)[:, 1],
                                rtol=0, atol=1e-12)
     assert FlatForest.from_model(object()) is None  # not a fitted model: predict_proba is used
+
+
+class _SeriesModel:
+    """A scorer whose anomaly score never breaches and whose breach probability jumps to 0.9
+    at step 60 of every deployment: only the predictive rule can roll back."""
+
+    lookback = 4
+    min_steps = 4
+    operating_point = None
+    predictor = SimpleNamespace(horizon_s=600.0, spec=SimpleNamespace(window=4))
+
+    def __init__(self, metrics: tuple[str, ...]) -> None:
+        self.metrics = metrics
+
+    def score_series_components(self, arrays) -> dict:  # type: ignore[no-untyped-def]
+        n = len(arrays.timestamps_s)
+        p = np.where(np.arange(n) >= 60, 0.9, 0.1)
+        return {"score": np.full(n, 0.1), "breach_probability": p}
+
+    def score_series(self, arrays) -> np.ndarray:  # type: ignore[no-untyped-def]
+        return self.score_series_components(arrays)["score"]
+
+    def score(self, window: Window) -> ScoreResult:  # the deciding tick's reasons
+        return ScoreResult(0.1, 0.1, 0.1, 0.1, 0.0, breach_probability=0.9)
+
+
+def test_replay_applies_the_predictive_rule_like_its_sweep(tmp_path: Path) -> None:
+    from canaryml.replay import protocol
+    from canaryml.replay.runner import replay
+
+    ds = CanonicalDataset(make_corpus(tmp_path / "c", n=4, steps=100, seed=1))
+    model = _SeriesModel(tuple(ds.metrics))
+    b = protocol.PolicyBuilder(ds.catalog, tuple(ds.metrics), float(ds.step_s),
+                               PolicyConfig(warmup_s=60), {"scorer": model})
+    on = b.build("scorer", {"rollback_threshold": 0.5, "consecutive_breaches": 2,
+                            "predict_probability": 0.8})
+    off = b.build("scorer", {"rollback_threshold": 0.5, "consecutive_breaches": 2,
+                             "predict_probability": None}, as_name="off")
+    res = replay(ds, [on, off], interval_s=30.0, progress=False)
+    o = res.outcomes.set_index(["policy", "deployment_id"])
+    assert o.loc["scorer", "rolled_back"].all() and not o.loc["off", "rolled_back"].any()
+    starts = ds.deployments.set_index("deployment_id")["start"]
+    for dep, t in o.loc["scorer", "decided_at_s"].items():
+        # step 60 = 900 s after the start; the second tick over 0.8 rolls back
+        assert t == starts[dep].timestamp() + 930.0
+    h = res.histories["scorer"].with_predictive_rule(0.8)
+    swept = sweep_first_rollback(h, on.policy.rollback.config, [0.5])[0]
+    np.testing.assert_array_equal(swept, o.loc["scorer", "decided_at_s"].to_numpy())

@@ -229,7 +229,8 @@ def _build_plan(dataset: CanonicalDataset | dict[str, DeploymentArrays],
         pol = rp.policy
         if rp.full_scorer is not None and hasattr(rp.full_scorer, "score_series"):
             series = SeriesScorer(rp.full_scorer.metrics, rp.full_scorer.lookback,
-                                  getattr(rp.full_scorer, "min_steps", None))
+                                  getattr(rp.full_scorer, "min_steps", None),
+                                  wrapped=rp.full_scorer)
             assert isinstance(pol, ScorerPolicy)
             pol = replace(pol, scorer=series)
         main = Controller(pol, source, RecordingActuator(), MemoryLog(),

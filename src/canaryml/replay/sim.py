@@ -92,11 +92,15 @@ class SeriesScorer:
     fills the top reasons of the deciding tick with one real `score()` call."""
 
     def __init__(self, metrics: tuple[str, ...], lookback: int,
-                 min_steps: int | None = None) -> None:
+                 min_steps: int | None = None, *, wrapped: object = None) -> None:
         self._metrics = tuple(metrics)
         self._lookback = int(lookback)
         # the wrapped scorer's fewest steps: ScorerPolicy reports "warming up" below it, as live
         self.min_steps = None if min_steps is None else int(min_steps)
+        # what the policy reads off the model besides scores: its breach predictor (the
+        # predictive rule is off without one) and its fitted operating point
+        self.predictor = getattr(wrapped, "predictor", None)
+        self.operating_point = getattr(wrapped, "operating_point", None)
         self._series: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
 
     @property
