@@ -57,10 +57,12 @@ def _comparable(summary: dict[str, Any]) -> dict[str, Any]:
         s[section].pop(key)
     for m in s["policies"].values():
         m.pop("replay_wall_s")
+        m.pop("model_version", None)  # the scorer directory of each run
     s["dataset"].pop("path")
     for corpus in s["dataset"]["corpora"].values():
         corpus.pop("path")
     s.pop("model")  # the scorer directory of each run
+    s.pop("model_version", None)  # its URI: that directory again
     return s
 
 
