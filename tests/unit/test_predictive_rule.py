@@ -274,3 +274,22 @@ def test_replay_applies_the_predictive_rule_like_its_sweep(tmp_path: Path) -> No
     h = res.histories["scorer"].with_predictive_rule(0.8)
     swept = sweep_first_rollback(h, on.policy.rollback.config, [0.5])[0]
     np.testing.assert_array_equal(swept, o.loc["scorer", "decided_at_s"].to_numpy())
+
+
+def test_the_probability_candidates_are_the_false_alarm_breakpoints() -> None:
+    import pandas as pd
+
+    from canaryml.replay.protocol import predict_candidates
+
+    times = np.tile(np.arange(6) * 30.0, (3, 1))
+    predicted = np.array([[0.1, 0.9, 0.2, 0.8, 0.7, 0.1],    # healthy
+                          [0.95, 0.6, 0.99, 0.99, 0.99, 0.99],  # faulty, onset at 60 s
+                          [0.5, 0.5, 0.5, 0.5, 0.5, np.nan]])   # healthy
+    h = ScoreHistory(("a", "b", "c"), times, np.zeros((3, 6)), predicted)
+    deps = pd.DataFrame({"deployment_id": ["a", "b", "c"],
+                         "label": ["healthy", "faulty", "healthy"],
+                         "fault_onset_s": [np.nan, 60.0, np.nan]})
+    one = predict_candidates(h, deps, [None], (1,))
+    assert one == [None, 0.95, 0.9, 0.5]  # b's peak before its onset counts, after it not
+    two = predict_candidates(h, deps, [None], (2,))
+    assert two == [None, 0.7, 0.6, 0.5]  # the highest minimum of 2 ticks in a row

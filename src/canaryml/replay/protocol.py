@@ -333,18 +333,31 @@ def policy_history(rp: ReplayPolicy, history: ScoreHistory) -> ScoreHistory:
     return history.with_predictive_rule(cfg.predict_probability, only=only)
 
 
-def predict_candidates(history: ScoreHistory, deps: pd.DataFrame,
-                       grid: Sequence[float | None], top: int = 12) -> list[float | None]:
-    """Probabilities to try for the predictive rule: `grid` plus the highest breach probability
-    of each of the `top` worst healthy deployments (where the false-rollback rate changes)."""
+def predict_candidates(history: ScoreHistory, deps: pd.DataFrame, grid: Sequence[float | None],
+                       consecutive: Sequence[int] = (1,), top: int = 12) -> list[float | None]:
+    """Probabilities to try for the predictive rule: `grid` plus, per hysteresis in
+    `consecutive`, the `top` highest false-alarm peaks — per deployment, the highest minimum
+    of that many ticks in a row while the canary was healthy (a healthy deployment, or a faulty
+    one before its onset): exactly where the rule's false-rollback rate changes."""
     out = list(dict.fromkeys(grid))
     if history.predicted is None:
         return [None]
-    healthy = (deps.set_index("deployment_id").reindex(list(history.deployment_ids))["label"]
-               == "healthy").to_numpy()
-    peaks = np.nanmax(np.where(np.isfinite(history.predicted), history.predicted, -1.0), axis=1)
-    worst = np.sort(peaks[healthy & (peaks >= 0)])[::-1][:top]
-    return out + [float(p) for p in worst if float(p) not in out]
+    d = deps.set_index("deployment_id").reindex(list(history.deployment_ids))
+    onset = np.where(d["label"].to_numpy() == "healthy", np.inf,
+                     d["fault_onset_s"].to_numpy(float))[:, None]
+    with np.errstate(invalid="ignore"):
+        healthy_tick = np.nan_to_num(onset, nan=-np.inf) > history.times_s
+    p = np.where(np.isfinite(history.predicted), history.predicted, -1.0)
+    for c in consecutive:
+        run = p.copy()
+        for k in range(1, int(c)):
+            run[:, k:] = np.minimum(run[:, k:], p[:, :-k])
+            run[:, :k] = -1.0
+        peaks = np.where(healthy_tick, run, -1.0).max(axis=1)
+        for v in np.sort(peaks[peaks >= 0])[::-1][:top]:
+            if float(v) not in out:
+                out.append(float(v))
+    return out
 
 
 def best_setting(history: ScoreHistory, cfg: PolicyConfig, deps: pd.DataFrame,
@@ -355,7 +368,7 @@ def best_setting(history: ScoreHistory, cfg: PolicyConfig, deps: pd.DataFrame,
     (consecutive, predict_probability, operating point, pairs compared). `mode` off: the rule
     stays off; only: the anomaly score never acts."""
     probs: list[float | None] = (
-        [None] if mode == "off" else predict_candidates(history, deps, grid))
+        [None] if mode == "off" else predict_candidates(history, deps, grid, consecutive))
     if mode == "only":
         probs = [p for p in probs if p is not None] or [None]
     best: tuple[int, float | None, dict[str, Any] | None] = (int(consecutive[0]), None, None)
