@@ -70,7 +70,10 @@ def test_broker_outage_is_counted_and_in_healthz_without_any_deployment(
     broker.create_topic(TOPIC, 1)
     serve = serve_cfg(tmp_path, f"serve.model={tiny_scorer_dir}")
     serve["deployments"] = []  # pure Kafka mode, and nothing has been produced: owns nothing
-    src = KafkaSource(broker.bootstrap, TOPIC, "ctl", ["latency_p99"], step_s=1,
+    from canaryml.models.scorer import CanaryScorer
+
+    metrics = list(CanaryScorer.load(tiny_scorer_dir).metrics)  # serve refuses a source lacking one
+    src = KafkaSource(broker.bootstrap, TOPIC, "ctl", metrics, step_s=1,
                       poll_timeout_s=0.2, config=FAST)
     svc = serve_task.build(serve, POLICY, source=src, actuator=DryRunActuator())
     assert svc.server is not None
