@@ -75,8 +75,17 @@ def plot_reliability(points: Mapping[str, Mapping[str, Any]], path: Path) -> Pat
     """Reliability diagram of each scorer policy's breach predictor (`predictor_reliability` in
     summary.json): predicted probability vs observed frequency per bin, on the training split's
     held-back deployments (cross-fitted) and on the evaluation corpora. None: nothing to draw."""
-    rel = {n: m["predictor_reliability"] for n, m in points.items()
-           if m.get("predictor_reliability")}
+    rel: dict[str, Any] = {}
+    shared: dict[str, int] = {}
+    for n, m in points.items():  # scorer variants of one model share its predictor: one curve
+        r = m.get("predictor_reliability")
+        if not r:
+            continue
+        same = next((k for k, v in rel.items() if v == r), None)
+        if same is None:
+            rel[n], shared[n] = r, 0
+        else:
+            shared[same] += 1
     if not rel:
         return None
     plt = _plt()
@@ -86,15 +95,16 @@ def plot_reliability(points: Mapping[str, Mapping[str, Any]], path: Path) -> Pat
         for part, style in (("training_held_back", "--"), ("evaluation", "-")):
             pts = r.get(part) or []
             if pts:
+                more = f" (+{shared[name]} variants)" if shared[name] else ""
                 ax.plot([p["predicted"] for p in pts], [p["observed"] for p in pts], style,
-                        marker="o", ms=4, label=f"{name}: {part.replace('_', ' ')}")
+                        marker="o", ms=4, label=f"{name}{more}: {part.replace('_', ' ')}")
     horizon = next(iter(rel.values())).get("horizon_s")
     ax.set_xlabel(f"predicted P(SLO breach within {horizon:.0f} s)")
     ax.set_ylabel("observed frequency")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
-    ax.set_title("breach predictor reliability (a tick per point of each bin)", fontsize=9)
+    ax.set_title("breach predictor reliability (one point per probability bin)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
