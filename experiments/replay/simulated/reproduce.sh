@@ -20,14 +20,15 @@ corpus train 0
 corpus calib 10
 for s in 1 2 3; do corpus "eval$s" "$s"; done
 
-[ -f models/sim-lstm/scorer.json ] || \
+# predictor.joblib: models from before the breach predictor are retrained
+[ -f models/sim-lstm/predictor.joblib ] || \
   $C train dataset=data/processed/sim-train scorer_out=models/sim-lstm seed=0
-[ -f models/sim-transformer/scorer.json ] || \
+[ -f models/sim-transformer/predictor.joblib ] || \
   $C train dataset=data/processed/sim-train forecaster=transformer scorer_out=models/sim-transformer seed=0
 
 $C replay model=models/sim-lstm \
   'dataset=[data/processed/sim-eval1,data/processed/sim-eval2,data/processed/sim-eval3]' \
   replay.calibration.dataset=data/processed/sim-calib \
-  'replay.policies=[scorer,scorer_forecast,scorer_detector,argo,kayenta]' \
+  'replay.policies=[scorer,scorer_nopredict,scorer_predict,scorer_forecast,scorer_detector,argo,kayenta]' \
   +replay.models.scorer_transformer=models/sim-transformer \
   out=experiments/replay/simulated
