@@ -10,6 +10,7 @@ to Hydra overrides before composition.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -109,10 +110,12 @@ OPTIONS_HELP = """options:
   -h, --help           this help: purpose, config groups and keys with their defaults
   --cfg job            print the composed configuration and exit (`-p GROUP` for one group,
                        `--resolve` to resolve interpolations)
-  --version            print canaryml's version"""
+  --version            print canaryml's version
+  --completion bash    print a bash completion script (`eval "$(canaryml --completion bash)"`):
+                       commands, options, config keys and group options"""
 
 USAGE = ("usage: canaryml <command> [key=value ...] [--help | --cfg job]\n"
-         "       canaryml --version\n\ncommands:\n"
+         "       canaryml --version | --completion bash\n\ncommands:\n"
          + "\n".join(f"  {name:<9} {c.summary}" for name, c in COMMANDS.items())
          + "\n\nOverrides are Hydra syntax (conf/ holds the defaults), e.g. "
            "`canaryml train forecaster=transformer`.\n"
@@ -405,6 +408,49 @@ def _parse_flags(command: str, args: Sequence[str]) -> tuple[list[str], dict[str
     return rest, flags
 
 
+# ---- shell completion -------------------------------------------------------------------------
+BASH_COMPLETION = """_canaryml() {
+    local IFS=$'\\n'
+    COMPREPLY=($(canaryml --complete "${COMP_WORDS[@]:1:COMP_CWORD}" 2>/dev/null))
+    [[ ${#COMPREPLY[@]} -eq 1 && ${COMPREPLY[0]} == *= ]] && compopt -o nospace
+}
+complete -F _canaryml canaryml"""
+
+_FLAGS = ("--help", "--cfg", "--resolve", "--version")
+
+
+def _leaf_keys(node: object, prefix: str = "") -> list[str]:
+    if isinstance(node, dict) and node:
+        return [k for key, value in node.items()
+                for k in _leaf_keys(value, f"{prefix}{key}.")]
+    return [prefix[:-1]]
+
+
+def complete(words: Sequence[str]) -> list[str]:
+    """Completions for the last of `words` (the command line after `canaryml`): a command, an
+    option, `group=option` or `key=` of the command's composed configuration."""
+    cur = words[-1] if words else ""
+    if len(words) <= 1:
+        cands = [*COMMANDS, "--help", "--version", "--completion"]
+        return sorted(c for c in cands if c.startswith(cur))
+    command = words[0]
+    if command not in COMMANDS:
+        return []
+    if cur.startswith("-"):
+        return [f for f in _FLAGS if f.startswith(cur)]
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(_compose(command, []), resolve=False)
+    cfg = {str(k): v for k, v in raw.items() if k not in ("hydra", "command")}  # type: ignore[union-attr]
+    groups = [g for g in cfg if _options(g)]
+    if "=" in cur:
+        key, _, value = cur.partition("=")
+        return [f"{key}={o}" for o in _options(key) if o.startswith(value)] if key in groups \
+            else []
+    keys = [f"{g}=" for g in groups] + [f"{k}=" for k in _leaf_keys(cfg)]
+    return sorted({k for k in keys if k.startswith(cur)})
+
+
 def _write(text: str, stream: TextIO | None = None) -> None:
     print(text, file=stream or sys.stdout)
 
@@ -432,6 +478,17 @@ def _main(args: list[str]) -> int:
         return 0
     if args[0] in ("--version", "-V", "version"):
         _write(f"canaryml {version()}")
+        return 0
+    if args[0] == "--completion":
+        if args[1:] != ["bash"]:
+            _write("canaryml: --completion takes `bash`: eval \"$(canaryml --completion bash)\"",
+                   sys.stderr)
+            return 2
+        _write(BASH_COMPLETION)
+        return 0
+    if args[0] == "--complete":  # what the completion script asks; never an error to the shell
+        with contextlib.suppress(Exception):  # a broken config just completes nothing
+            _write("\n".join(complete(args[1:])))
         return 0
     command, overrides = args[0], args[1:]
     if command not in COMMANDS:

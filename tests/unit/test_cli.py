@@ -275,3 +275,24 @@ def test_cfg_job_resolves_a_package_that_interpolates_another_group(
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["forward"]["kafka"]["topic"] == "mine"
     assert set(shown["forward"]["prometheus"]["queries"]) == set(compose("serve").metrics)
+
+
+def test_shell_completion_offers_commands_keys_and_group_options(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from canaryml.cli import complete
+
+    assert complete(["tr"]) == ["train"]
+    assert "forecaster=" in complete(["train", "forec"])
+    assert "forecaster.lookback=" in complete(["train", "forec"])
+    assert complete(["train", "forecaster="]) == ["forecaster=lstm", "forecaster=transformer"]
+    assert complete(["train", "policy.predict_p"]) == ["policy.predict_probability="]
+    assert complete(["train", "--c"]) == ["--cfg"]
+    assert complete(["nope", "x"]) == []
+    assert main(["--completion", "bash"]) == 0
+    script = capsys.readouterr().out
+    assert "complete -F _canaryml canaryml" in script
+    if shutil.which("bash"):  # the script is valid bash
+        subprocess.run(["bash", "-n", "-c", script], check=True)
+    assert main(["--completion", "zsh"]) == 2
