@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +43,10 @@ from canaryml.tasks import serve as serve_task
 from tests.conftest import REPO
 from tests.e2e.liveapp.bridge import PromToKafkaBridge
 from tests.e2e.liveapp.load import LoadGenerator, start_app, stop
+from tests.e2e.liveapp.stack import node_exporter
 from tests.harness.kafka import free_port, start_tansu
 from tests.harness.kube import DEPLOYMENTS, start_kube
-from tests.harness.prometheus import INSTALL, find_binary, start_prometheus
+from tests.harness.prometheus import start_prometheus
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
@@ -82,33 +82,6 @@ INFRA_QUERIES = {
     "load1": "avg(node_load1)" + _UP,
 }
 P99 = APP_QUERIES["latency_p99"]
-
-
-@contextmanager
-def node_exporter(log: Path) -> Iterator[str]:
-    port = free_port()
-    binary = find_binary("prometheus-node-exporter") or find_binary("node_exporter")
-    if binary is None:
-        pytest.fail("prometheus-node-exporter is not installed; run as root: " + INSTALL)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [binary, f"--web.listen-address=127.0.0.1:{port}", "--collector.disable-defaults",
-             "--collector.cpu", "--collector.meminfo", "--collector.netdev",
-             "--collector.diskstats", "--collector.loadavg"], stdout=out,
-            stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/metrics", timeout=0.5).ok:
-                    break
-            except requests.RequestException:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail(f"node exporter did not start; see {log}")
-                time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
-    finally:
-        stop(proc)
 
 
 def _train_scorer(root: Path) -> Any:

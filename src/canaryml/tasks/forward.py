@@ -10,13 +10,12 @@ flushing what it produced.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
 from canaryml.serving.forward import build
+from canaryml.tasks.serve import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -25,27 +24,16 @@ def run(cfg: DictConfig) -> int:
     fwd = cast(dict[str, Any], OmegaConf.to_container(cfg.forward, resolve=True))
     catalog = list(cast(dict, OmegaConf.to_container(cfg.metrics, resolve=True)))
     forwarder, server = build(fwd, catalog)
-    stop = threading.Event()
-    previous: dict[signal.Signals, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        def on_signal(signum: int, _frame: Any) -> None:
-            log.info("received %s: finishing the current tick, then stopping",
-                     signal.Signals(signum).name)
-            stop.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, on_signal)
     interval = float(fwd.get("interval_s") or fwd["step_s"])
     print(f"canaryml forward: {len(forwarder.deployments)} deployment(s), "
           f"{len(forwarder.source.metrics)} metric(s) from {forwarder.source.client.url} to "
           f"{fwd['kafka']['topic']} every {interval:g} s, http "
           f"{server.url if server is not None else '-'}", flush=True)
     try:
-        ticks = forwarder.run(interval_s=interval, max_ticks=fwd.get("max_ticks"),
-                              duration_s=fwd.get("duration_s"), stop=stop)
+        with stop_on_signals() as stop:
+            ticks = forwarder.run(interval_s=interval, max_ticks=fwd.get("max_ticks"),
+                                  duration_s=fwd.get("duration_s"), stop=stop)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         forwarder.close()
         if server is not None:
             server.stop()

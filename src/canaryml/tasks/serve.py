@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +33,27 @@ from canaryml.serving.service import (
 __all__ = ["KubeDiscovery", "Service", "build", "kube_api_client", "labels_match", "run"]
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event SIGTERM/SIGINT set (the current tick finishes, then the loop stops), the
+    previous handlers restored on exit; in a non-main thread just an event."""
+    stop = threading.Event()
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("received %s: finishing the current tick, then stopping",
+                     signal.Signals(signum).name)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # serve keys that moved to policy.* (one key per seed parameter, read by replay and serve alike)
@@ -73,16 +96,6 @@ def run(cfg: DictConfig) -> int:
     tracking.configure(cfg.mlflow.tracking_uri)
     catalog = list(cast(dict, OmegaConf.to_container(cfg.metrics, resolve=True)))
     service = build(serve, pcfg, catalog_names=catalog)
-    stop = threading.Event()
-    previous: dict[signal.Signals, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        def on_signal(signum: int, _frame: Any) -> None:
-            log.info("received %s: finishing the current tick, then stopping",
-                     signal.Signals(signum).name)
-            stop.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, on_signal)
     url = service.server.url if service.server is not None else "-"
     shadow = service.shadow
     print(f"canaryml serve: model {service.holder.version or 'none (pausing)'} from "
@@ -90,11 +103,10 @@ def run(cfg: DictConfig) -> int:
           + ("" if shadow is None else f", shadow {shadow.holder.version or 'not loaded'} "
              f"from {serve['shadow']['model']} (logged, never applied)"), flush=True)
     try:
-        ticks = service.run(max_ticks=serve.get("max_ticks"), duration_s=serve.get("duration_s"),
-                            stop=stop)
+        with stop_on_signals() as stop:
+            ticks = service.run(max_ticks=serve.get("max_ticks"),
+                                duration_s=serve.get("duration_s"), stop=stop)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         service.close()
     print(f"canaryml serve: stopped after {ticks} tick(s), {service.entries} decision(s), "
           f"{service.holder.swaps} model swap(s), model {service.holder.version or 'none'}")
