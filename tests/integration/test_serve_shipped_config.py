@@ -7,6 +7,7 @@ exporter, and every tick is scored: no missing-metric pause, no fail-safe."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,9 @@ def test_shipped_serve_config_scores_every_tick_of_the_documented_model(
     with labelled_stack(tmp_path) as stack:
         train_by_the_documented_commands()  # the service is scraped meanwhile: history
         wait_until_every_query_answers(stack.prom_url, queries)
+        # the first tick needs the model's min_steps (8) one-second steps of history since the
+        # queries first answered; a fast training run can leave less (the tick would warm up)
+        time.sleep(10)
         log_path = tmp_path / "decisions.sqlite"
         args = ["serve", "serve.model=models:/canary-scorer@challenger", "serve.step_s=1",
                 f"serve.source.prometheus.url={stack.prom_url}", deployments_override("web"),

@@ -8,6 +8,7 @@ z-score of the last `recent` steps' gap against the window's earlier gap statist
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,7 +41,8 @@ class GapZScorer:
         """[N, W, M] windows → (score [N], per-metric error [N, M]); NaN score = unscorable."""
         gap = can if base is None else can - base
         ref, last = gap[:, : -self.recent], gap[:, -self.recent:]
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN window: NaN, said below
             mu = np.nanmean(ref, axis=1)
             sd = np.nanstd(ref, axis=1)
             z = (np.nanmean(last, axis=1) - mu) / np.maximum(sd, 1e-9 + 1e-3 * np.abs(mu))
