@@ -1,8 +1,9 @@
 """Predictive rollback: the probability that a canary *causes* an SLO breach within a horizon.
 
 The anomaly score says "the canary looks unlike healthy canaries"; this says "at this pace the
-canary will hurt users within `horizon_s`". It reads the same window the scorer gets and, per
-tick, builds features a reliability engineer would look at:
+canary will hurt users within `horizon_s`". It reads the deployment's last `window` steps (the
+scorer's `window_steps`, longer than its forecaster's lookback) and, per tick, builds features a
+reliability engineer would look at:
 
 * for each SLO-bearing metric (catalog `slo`), on both groups, in units of the SLO (1 = at the
   SLO): the level of the last minute, the worst value of the last 3 minutes, the trend over the
