@@ -4,7 +4,7 @@ Trains a CanaryScorer, logs the run to MLflow (config, dataset hash, git commit,
 metrics, loss curves live during the fit through Lightning's MLFlowLogger), logs the scorer
 as a pyfunc, registers a `canary-scorer` version and points `@challenger` at it.
 
-Continuous learning (the periodic retrain job, see serving/cronjob-retrain.yaml):
+Continuous learning (the periodic retrain job, see serving/k8s/cronjob-retrain.yaml):
 `canaryml train trainer.init_from=models:/canary-scorer@champion dataset=DIR
 trainer.since=2026-01-01T00:00:00Z` fine-tunes the champion on recent telemetry
 (`init_from=` and `since=` at top level work too).
