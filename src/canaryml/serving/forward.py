@@ -43,6 +43,7 @@ from canaryml.control.types import Window
 from canaryml.errors import ConfigError
 from canaryml.serving.prometheus import PrometheusSource
 from canaryml.serving.server import Health, ObservabilityServer
+from canaryml.serving.ticks import run_ticks
 
 log = logging.getLogger(__name__)
 
@@ -239,24 +240,8 @@ class Forwarder:
     def run(self, *, interval_s: float, max_ticks: int | None = None,
             duration_s: float | None = None, stop: threading.Event | None = None) -> int:
         """Tick every `interval_s` until a limit or `stop`; returns the number of ticks."""
-        stop = stop or threading.Event()
-        started = time.monotonic()
-        n = 0
-        while not stop.is_set():
-            if max_ticks is not None and n >= max_ticks:
-                break
-            if duration_s is not None and time.monotonic() - started >= duration_s:
-                break
-            t0 = time.monotonic()
-            self.tick()
-            n += 1
-            wait = max(0.0, interval_s - (time.monotonic() - t0))
-            if duration_s is not None:
-                wait = min(wait, max(0.0, duration_s - (time.monotonic() - started)))
-            if max_ticks is not None and n >= max_ticks:
-                break
-            stop.wait(wait)
-        return n
+        return run_ticks(self.tick, interval_s=interval_s, max_ticks=max_ticks,
+                         duration_s=duration_s, stop=stop)
 
     def close(self) -> None:
         self.producer.flush(self.flush_timeout_s)

@@ -44,6 +44,7 @@ from canaryml.serving.loop import ServeLoop
 from canaryml.serving.model_holder import HeldScorer, LoadedModel, ModelHolder
 from canaryml.serving.server import Health, ObservabilityServer, ServeMetrics
 from canaryml.serving.shadow import Shadow, WindowTap
+from canaryml.serving.ticks import run_ticks
 
 log = logging.getLogger(__name__)
 
@@ -275,25 +276,9 @@ class Service:
             stop: threading.Event | None = None) -> int:
         """Resume from the decision log, then tick every `interval_s` until a limit or `stop`.
         Returns the number of ticks."""
-        stop = stop or threading.Event()
         self.loop.resume()
-        started = time.monotonic()
-        n = 0
-        while not stop.is_set():
-            if max_ticks is not None and n >= max_ticks:
-                break
-            if duration_s is not None and time.monotonic() - started >= duration_s:
-                break
-            t0 = time.monotonic()
-            self.tick()
-            n += 1
-            if max_ticks is not None and n >= max_ticks:
-                break
-            wait = max(0.0, self.interval_s - (time.monotonic() - t0))
-            if duration_s is not None:
-                wait = min(wait, max(0.0, duration_s - (time.monotonic() - started)))
-            stop.wait(wait)
-        return n
+        return run_ticks(self.tick, interval_s=self.interval_s, max_ticks=max_ticks,
+                         duration_s=duration_s, stop=stop)
 
     def close(self) -> None:
         self.holder.stop()
