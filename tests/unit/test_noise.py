@@ -24,9 +24,9 @@ def test_ecdf_tail_does_not_overflow_and_keeps_its_values() -> None:
     knots = np.linspace(0.0, 1.0, 50)
     tau = 0.01
     x = np.array([-1e6, -5.0, 0.3, 1.0, 1.02, 1.5, np.nan, np.inf])
-    with np.errstate(all="raise"):  # an overflow in a masked branch raised before the fix
-        p = _ecdf_apply(x, knots, tau)
     n = len(knots)
+    with np.errstate(all="raise"):  # an overflow in a masked branch raised before the fix
+        p = _ecdf_apply(x, knots, np.arange(1, n + 1) / (n + 1), tau)
     assert p[0] == 0.0 and p[1] == 0.0
     assert p[2] == pytest.approx(np.interp(0.3, knots, np.arange(1, n + 1) / (n + 1)))
     assert p[4] == pytest.approx(1.0 - (1.0 / (n + 1)) * np.exp(-0.02 / tau))

@@ -72,6 +72,68 @@ def test_features_are_named_and_nan_where_nothing_is_observed() -> None:
     assert np.isnan(fm(c, None)[:, fm.names().index("ratio:1m:app_cpu")]).all()  # no baseline
 
 
+def _reference_features(fm: FeatureMap, can: np.ndarray, base: np.ndarray | None) -> np.ndarray:
+    """The features as the module docstring defines them, one window and one column at a time
+    with numpy's nan-functions and polyfit: what the vectorised FeatureMap must equal."""
+    long, mid, short, start = 40, 12, 4, 8
+
+    def slope(v: np.ndarray) -> float:
+        t = np.arange(len(v), dtype=float)
+        ok = np.isfinite(v)
+        if ok.sum() < 2 or np.ptp(t[ok]) == 0:
+            return np.nan
+        return float(np.polyfit(t[ok], v[ok], 1)[0]) * 3600.0 / fm.step_s
+
+    def med(v: np.ndarray) -> float:
+        return float(np.nanmedian(v)) if np.isfinite(v).any() else np.nan
+
+    def group(x: np.ndarray | None) -> list[float]:
+        if x is None:
+            return [np.nan] * (6 * len(fm.slo_idx))
+        cols = []
+        for i, slo, down in zip(fm.slo_idx, fm.slo, fm.down, strict=True):
+            u = x[-long:, i].astype(float) / slo
+            u = 2.0 - u if down else u
+            level, tm, ta = med(u[-short:]), slope(u[-mid:]), slope(u)
+            top = float(np.nanmax(u[-mid:])) if np.isfinite(u[-mid:]).any() else np.nan
+            ahead = fm.spec.horizon_s / 3600.0
+            cols.append([level, top, tm, ta, level + tm * ahead, level + ta * ahead])
+        return [c[p] for p in range(6) for c in cols]
+
+    rows = []
+    for j in range(len(can)):
+        c = can[j, -fm.spec.window:]
+        b = None if base is None else base[j, -fm.spec.window:]
+        seen = ~np.isnan(c).all(1)
+        first = int(seen.argmax()) if seen.any() else len(c)
+        gc, gb = np.array(group(c)), np.array(group(b))
+        ratios = [np.nan] * (5 * len(fm.metrics))
+        if b is not None:
+            with np.errstate(all="ignore"):
+                lr = np.log(np.abs(c.astype(float)) + 1e-9) - np.log(np.abs(b.astype(float)) + 1e-9)
+            r, s0 = lr[-long:], lr[np.clip(first + np.arange(start), 0, len(c) - 1)]
+            ratios = ([med(r[-short:, i]) for i in range(len(fm.metrics))]
+                      + [med(r[-mid:, i]) for i in range(len(fm.metrics))]
+                      + [med(r[:, i]) for i in range(len(fm.metrics))]
+                      + [med(s0[:, i]) for i in range(len(fm.metrics))]
+                      + [slope(r[:, i]) for i in range(len(fm.metrics))])
+        rows.append([*gc, *gb, *(gc - gb), *ratios, (len(c) - first) * fm.step_s])
+    return np.array(rows)
+
+
+def test_the_vectorised_features_equal_their_definition() -> None:
+    fm = FeatureMap(METRICS, CATALOG, 15.0, PredictorSpec(window=60))
+    rng = np.random.default_rng(3)
+    d = _deployment(rng, True)
+    can, base = d.canary.copy(), d.baseline.copy()
+    can[rng.random(can.shape) < 0.15] = np.nan  # missed scrapes
+    can[100:110, 0] = np.nan  # a metric missing for a while
+    c, b = tick_windows(can, base, 60, np.array([0, 1, 5, 50, 105, 159]))
+    for bb in (b, None):
+        np.testing.assert_allclose(fm(c, bb), _reference_features(fm, c, bb), rtol=1e-9,
+                                   atol=1e-9, equal_nan=True)
+
+
 def test_the_predictor_ranks_a_ramp_towards_the_slo_above_healthy_canaries(predictor) -> None:  # type: ignore[no-untyped-def]
     assert predictor is not None
     rng = np.random.default_rng(7)
@@ -293,3 +355,14 @@ def test_the_probability_candidates_are_the_false_alarm_breakpoints() -> None:
     assert one == [None, 0.95, 0.9, 0.5]  # b's peak before its onset counts, after it not
     two = predict_candidates(h, deps, [None], (2,))
     assert two == [None, 0.7, 0.6, 0.5]  # the highest minimum of 2 ticks in a row
+
+
+def test_the_recalibration_equals_scikit_learns_isotonic_prediction() -> None:
+    from canaryml.models.predict import RankIsotonic
+
+    rng = np.random.default_rng(5)
+    p = rng.random(400)
+    r = RankIsotonic().fit(p, rng.random(400) < p)
+    q = np.concatenate([rng.uniform(-0.2, 1.2, 500), [0.0, 1.0, p.min(), p.max()]])
+    np.testing.assert_allclose(r.predict(q), (1 - r.EPS) * r.iso.predict(q) + r.EPS * q,
+                               rtol=0, atol=1e-15)

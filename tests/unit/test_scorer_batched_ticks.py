@@ -15,6 +15,7 @@ from canaryml.data.dataset import CanonicalDataset, DeploymentArrays
 from canaryml.errors import ScoringError
 from canaryml.models import scorer as scorer_mod
 from canaryml.models.networks import NetworkSpec, build_network
+from canaryml.models.predict import PredictorSpec, fit_on_dataset
 from canaryml.models.scorer import CanaryScorer
 from canaryml.models.synthetic import make_corpus
 from canaryml.models.train import TrainerSpec, TrainSpec, train_scorer
@@ -32,7 +33,14 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> CanonicalDataset:
 
 @pytest.fixture(scope="module")
 def scorer(dataset: CanonicalDataset) -> CanaryScorer:
-    return train_scorer(dataset, TINY).scorer
+    scorer = train_scorer(dataset, TINY).scorer
+    # too few labelled impacts in the training split for train's own predictor: fit one on the
+    # whole corpus so batched ticks (and their worker split) carry breach probabilities
+    scorer.predictor = fit_on_dataset(dataset, list(dataset.deployments["deployment_id"]),
+                                      scorer.metrics, dataset.catalog,
+                                      PredictorSpec(horizon_s=600.0, window=60, max_iter=30))
+    assert scorer.predictor is not None
+    return scorer
 
 
 def _window(a: DeploymentArrays, end: int, n: int) -> Window:
@@ -59,6 +67,11 @@ def _fields(r: object) -> tuple[float, ...]:
             r.detector_score, np.nan if r.breach_eta_s is None else r.breach_eta_s)  # type: ignore[attr-defined]
 
 
+def _probability(r: object) -> float:
+    p = r.breach_probability  # type: ignore[attr-defined]
+    return np.nan if p is None else p
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_batched_tick_equals_scoring_each_deployment_alone(scorer: CanaryScorer,
                                                              dataset: CanonicalDataset,
@@ -74,6 +87,10 @@ def test_a_batched_tick_equals_scoring_each_deployment_alone(scorer: CanaryScore
     assert len(batch) == n
     for a, b in zip(alone, batch, strict=True):
         np.testing.assert_allclose(_fields(b), _fields(a), rtol=0, atol=0)
+        # one window walks the predictor's trees in numpy, a batch goes to scikit-learn: the
+        # same trees, summed in another order
+        assert np.isfinite(_probability(a))
+        np.testing.assert_allclose(_probability(b), _probability(a), rtol=0, atol=1e-12)
         assert a.contributions.keys() == b.contributions.keys()
         np.testing.assert_allclose(list(b.contributions.values()), list(a.contributions.values()),
                                    rtol=0, atol=0)

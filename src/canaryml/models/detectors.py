@@ -199,18 +199,23 @@ class OneClassSVMDetector(ResidualDetector):
 
 class JointForest:
     """Several compiled IsolationForestDetectors, each on its own column block, evaluated in one
-    vectorised traversal (one tick costs one numpy pass instead of one per forest)."""
+    vectorised traversal (one tick costs one numpy pass instead of one per forest). Node n lives
+    at slot 2n and `child[2n + go_left]` is the next node's slot (leaves point to themselves):
+    one gather, one compare and one step per tree level."""
 
     def __init__(self, forests: list[IsolationForestDetector], widths: list[int]):
         offs = np.concatenate([[0], np.cumsum(widths)[:-1]]).astype(np.int64)
         node_off = np.concatenate([[0], np.cumsum([len(f.feature_) for f in forests])[:-1]])
-        self.feature_ = np.concatenate([np.where(f.feature_ >= 0, f.feature_ + o, -1)
-                                        for f, o in zip(forests, offs, strict=True)])
-        self.split_ = np.concatenate([f.split_ for f in forests])
-        self.left_ = np.concatenate([f.left_ + n for f, n in zip(forests, node_off, strict=True)])
-        self.right_ = np.concatenate([f.right_ + n for f, n in zip(forests, node_off, strict=True)])
-        self.leaf_value_ = np.concatenate([f.leaf_value_ for f in forests])
-        self.roots_ = np.concatenate([f.roots_ + n for f, n in zip(forests, node_off, strict=True)])
+        feature = np.concatenate([np.where(f.feature_ >= 0, f.feature_ + o, 0)
+                                  for f, o in zip(forests, offs, strict=True)])
+        left = np.concatenate([f.left_ + n for f, n in zip(forests, node_off, strict=True)])
+        right = np.concatenate([f.right_ + n for f, n in zip(forests, node_off, strict=True)])
+        self.feature_ = np.repeat(feature, 2)  # by slot
+        self.split_ = np.repeat(np.concatenate([f.split_ for f in forests]), 2)
+        self.child_ = 2 * np.stack([right, left], 1).ravel()
+        self.leaf_value_ = np.repeat(np.concatenate([f.leaf_value_ for f in forests]), 2)
+        self.roots_ = 2 * np.concatenate([f.roots_ + n
+                                          for f, n in zip(forests, node_off, strict=True)])
         self.bounds_ = np.cumsum([0] + [len(f.roots_) for f in forests])
         self.norm_ = np.array([f.norm_ for f in forests])
         self.max_depth_ = max(f.max_depth_ for f in forests)
@@ -218,12 +223,12 @@ class JointForest:
     def decision_function(self, x: np.ndarray) -> np.ndarray:
         """[N, sum(widths)] → [N, n_forests] scores, equal to each forest's own."""
         n = len(x)
-        node = np.broadcast_to(self.roots_, (n, len(self.roots_))).copy()
-        rows = np.arange(n)[:, None]
+        flat = np.ascontiguousarray(x, np.float64).ravel()
+        row = (np.arange(n) * x.shape[1])[:, None]
+        slot = np.broadcast_to(self.roots_, (n, len(self.roots_)))
         for _ in range(self.max_depth_):
-            go_left = x[rows, np.maximum(self.feature_[node], 0)] <= self.split_[node]
-            node = np.where(go_left, self.left_[node], self.right_[node])
-        depth = self.leaf_value_[node]
+            slot = self.child_[slot + (flat[self.feature_[slot] + row] <= self.split_[slot])]
+        depth = self.leaf_value_[slot]
         out = np.empty((n, len(self.norm_)))
         for k in range(len(self.norm_)):
             out[:, k] = np.power(2.0, -depth[:, self.bounds_[k]: self.bounds_[k + 1]].mean(1) / self.norm_[k])

@@ -62,28 +62,25 @@ class PredictorSpec:
 
 
 def _nan_slope(x: np.ndarray) -> np.ndarray:
-    """Least-squares slope per step along axis 1 of [N, W, K], ignoring NaN (NaN if < 2 points)."""
-    w = x.shape[1]
-    t = np.arange(w, dtype=np.float64)[None, :, None]
+    """Least-squares slope per step along axis 1 of [N, W, K], ignoring NaN (NaN if < 2 points).
+    Like `_nanmedian` and `_nanmax`, called under `np.errstate(all="ignore")`."""
+    t = np.arange(x.shape[1], dtype=np.float64)
     ok = np.isfinite(x)
+    xz = np.where(ok, x, 0.0)
+    okf = ok.astype(np.float64)
     n = ok.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tm = np.where(ok, t, 0.0).sum(1) / n
-        xm = np.where(ok, x, 0.0).sum(1) / n
-        dt = np.where(ok, t - tm[:, None], 0.0)
-        cov = (dt * np.where(ok, x - xm[:, None], 0.0)).sum(1)
-        var = (dt**2).sum(1)
-        return np.where((n >= 2) & (var > 0), cov / var, np.nan)
+    st, stt, sx, stx = t @ okf, (t * t) @ okf, xz.sum(1), t @ xz  # sums over the observed
+    var = stt - st * st / n
+    return np.where((n >= 2) & (var > 0), (stx - st * sx / n) / var, np.nan)
 
 
 def _nanmedian(x: np.ndarray) -> np.ndarray:
-    """Median along axis 1 ignoring NaN, NaN where nothing is observed (no RuntimeWarning)."""
-    with np.errstate(all="ignore"):
-        out = np.sort(np.where(np.isfinite(x), x, np.inf), axis=1)
-    n = np.isfinite(x).sum(1)
-    lo = np.take_along_axis(out, np.maximum((n - 1) // 2, 0)[:, None], 1)[:, 0]
-    hi = np.take_along_axis(out, np.maximum(n // 2, 0)[:, None], 1)[:, 0]
-    return np.where(n > 0, 0.5 * (lo + hi), np.nan)
+    """Median along axis 1 ignoring NaN, NaN where nothing is observed."""
+    ok = np.isfinite(x)
+    n = ok.sum(1)
+    mid = np.stack([np.maximum((n - 1) // 2, 0), n // 2], 1)  # the middle one or two
+    pair = np.take_along_axis(np.sort(np.where(ok, x, np.inf), axis=1), mid, 1)
+    return np.where(n > 0, 0.5 * (pair[:, 0] + pair[:, 1]), np.nan)
 
 
 def _nanmax(x: np.ndarray) -> np.ndarray:
@@ -116,50 +113,69 @@ class FeatureMap:
                 for m in self.metrics]
         return [*out, "age_s"]
 
-    def _slo_units(self, x: np.ndarray) -> np.ndarray:
-        u = x[:, :, self.slo_idx].astype(np.float64) / self.slo
-        return np.where(self.down, 2.0 - u, u)  # 1 = at the SLO, above = worse, both directions
+    def _layout(self, groups: int) -> tuple[np.ndarray, ...]:
+        """Per number of groups (1: canary, 2: canary and baseline side by side), the columns
+        and row masks that let `__call__` compute every median and every slope in one call
+        each. Rows: the last LONG steps, then the canary's first START steps."""
+        layouts = self.__dict__.setdefault("_layouts", {})
+        if groups not in layouts:
+            m, k = len(self.metrics), len(self.slo_idx)
+            cols = np.concatenate([self.slo_idx + g * m for g in range(groups)])
+            rows = np.arange(LONG + START)[:, None]
+            recent = rows < LONG
 
-    def _group(self, x: np.ndarray | None, n: int) -> np.ndarray:
-        k = len(self.slo_idx)
-        if x is None:
-            return np.full((n, 6 * k), np.nan)
-        u = self._slo_units(x[:, -LONG:])
-        per_h = 3600.0 / self.step_s
-        ahead = self.spec.horizon_s / 3600.0
-        level = _nanmedian(u[:, -SHORT:])
-        t_mid = _nan_slope(u[:, -MID:]) * per_h
-        t_all = _nan_slope(u[:, -LONG:]) * per_h
-        return np.concatenate([level, _nanmax(u[:, -MID:]), t_mid, t_all, level + t_mid * ahead,
-                               level + t_all * ahead], axis=1)
+            def last(n: int, width: int) -> np.ndarray:
+                return np.broadcast_to((rows >= LONG - n) & recent, (LONG + START, width))
+
+            g, r = groups * k, m if groups == 2 else 0  # SLO columns, ratio columns
+            # medians: SLO level (1 min), ratio over 1, 3 and 10 min, ratio over the first 2
+            med = np.concatenate([last(SHORT, g), last(SHORT, r), last(MID, r), last(LONG, r),
+                                  np.broadcast_to(~recent, (LONG + START, r))], 1)
+            # slopes: SLO units over 3 and 10 min, ratio over 10 min
+            slope = np.concatenate([last(MID, g), last(LONG, g), last(LONG, r)], 1)
+            layouts[groups] = (cols, np.tile(self.slo, groups), np.tile(self.down, groups),
+                               med, slope)
+        return layouts[groups]  # type: ignore[no-any-return]
 
     def __call__(self, can: np.ndarray, base: np.ndarray | None) -> np.ndarray:
+        # every median and every slope in one call each, over stacked columns: a live tick is
+        # a single window, where numpy's per-call overhead, not the arithmetic, is the cost
         w = self.spec.window
         can = can[:, -w:]
-        base = None if base is None else base[:, -w:]
-        n = len(can)
+        n, k, m = len(can), len(self.slo_idx), len(self.metrics)
         seen = ~np.isnan(can).all(2)  # [N, W]: rows the canary has data for
         first = np.where(seen.any(1), seen.argmax(1), can.shape[1])
         age_s = (can.shape[1] - first) * self.step_s
-        c = self._group(can, n)
-        b = self._group(base, n)
-        feats = [c, b, c - b]
-        if base is None:
-            feats.append(np.full((n, 5 * len(self.metrics)), np.nan))
-        else:
-            def log_ratio(c: np.ndarray, b: np.ndarray) -> np.ndarray:
-                with np.errstate(all="ignore"):
-                    return (np.log(np.abs(c.astype(np.float64)) + 1e-9)
-                            - np.log(np.abs(b.astype(np.float64)) + 1e-9))
-
-            ratio = log_ratio(can[:, -LONG:], base[:, -LONG:])
-            # the canary's first START rows (they begin at `first`, per window)
-            rows = np.clip(first[:, None] + np.arange(START)[None, :], 0, can.shape[1] - 1)[..., None]
-            start = log_ratio(np.take_along_axis(can, rows, 1), np.take_along_axis(base, rows, 1))
-            feats += [_nanmedian(ratio[:, -SHORT:]), _nanmedian(ratio[:, -MID:]),
-                      _nanmedian(ratio), _nanmedian(start),
-                      _nan_slope(ratio) * 3600.0 / self.step_s]
-        return np.concatenate([*feats, age_s[:, None]], axis=1)
+        both = can if base is None else np.concatenate([can, base[:, -w:]], 2)
+        cols, slo, down, med_mask, slope_mask = self._layout(1 if base is None else 2)
+        start = np.clip(first[:, None] + np.arange(START), 0, can.shape[1] - 1)
+        x = np.concatenate([both[:, -LONG:], both[np.arange(n)[:, None], start]], 1
+                           ).astype(np.float64)  # [N, LONG + START, groups·M]
+        with np.errstate(all="ignore"):
+            u = x[:, :, cols] / slo
+            u = np.where(down, 2.0 - u, u)  # SLO units: 1 = at the SLO, above = worse
+            parts = [u, u]
+            if base is not None:
+                lx = np.log(np.abs(x) + 1e-9)
+                ratio = lx[..., :m] - lx[..., m:]  # log canary / baseline
+                parts.append(ratio)
+            slope = _nan_slope(np.where(slope_mask, np.concatenate(parts, 2), np.nan))
+            slope *= 3600.0 / self.step_s
+            med = _nanmedian(np.where(med_mask, np.concatenate(
+                [u] if base is None else [u, ratio, ratio, ratio, ratio], 2), np.nan))
+            g = u.shape[2]  # K (canary) or 2K (canary, baseline)
+            level, t_mid, t_all = med[:, :g], slope[:, :g], slope[:, g:2 * g]
+            ahead = self.spec.horizon_s / 3600.0
+            grp = np.stack([level, _nanmax(u[:, LONG - MID:LONG]), t_mid, t_all,
+                            level + t_mid * ahead, level + t_all * ahead], 1)  # [N, 6, g]
+            c = grp[..., :k].reshape(n, 6 * k)
+            if base is None:
+                b = np.full((n, 6 * k), np.nan)
+                r = np.full((n, 5 * m), np.nan)
+            else:
+                b = grp[..., k:].reshape(n, 6 * k)
+                r = np.concatenate([med[:, g:], slope[:, 2 * g:]], 1)
+            return np.concatenate([c, b, c - b, r, age_s[:, None]], 1)
 
 
 def _one_thread() -> Any:
@@ -179,22 +195,32 @@ _POOLS: Any = None
 class FlatForest:
     """A fitted `HistGradientBoostingClassifier`'s trees as flat node arrays, walked for every
     tree at once in numpy. scikit-learn predicts tree by tree through an OpenMP region each:
-    ~20 ms for one row of 300 trees on a busy 2-core machine, against ~0.2 ms here (measured).
+    ~20 ms for one row of 300 trees on a busy 2-core machine, against ~0.05 ms here (measured).
     Same decisions as `predict_proba` (numeric splits; NaN follows `missing_go_to_left`); tested
-    equal. `from_model` returns None for a model it cannot flatten (then predict_proba is used)."""
+    equal. `from_model` returns None for a model it cannot flatten (then predict_proba is used).
+
+    Layout, for few numpy calls per tree level: node n lives at slot 2n; `child[2n + go_left]` is
+    the next node's slot (a leaf points to itself, so every tree walks the same number of
+    levels); a row is doubled as [x with NaN → +inf | x with NaN → −inf] and each node reads its
+    feature from the half that sends a missing value the way the node does."""
 
     def __init__(self, trees: Sequence[np.ndarray], baseline: float) -> None:
         nodes = np.concatenate(trees)
-        roots = np.concatenate([[0], np.cumsum([len(t) for t in trees])[:-1]]).astype(np.intp)
-        offset = np.repeat(roots, [len(t) for t in trees])  # child indices are per tree
-        self.feature = nodes["feature_idx"].astype(np.intp)
-        self.threshold = nodes["num_threshold"].astype(np.float64)
-        self.missing_left = nodes["missing_go_to_left"].astype(bool)
-        self.leaf = nodes["is_leaf"].astype(bool)
-        self.value = nodes["value"].astype(np.float64)
-        self.left = nodes["left"].astype(np.intp) + offset
-        self.right = nodes["right"].astype(np.intp) + offset
-        self.roots = roots
+        sizes = [len(t) for t in trees]
+        roots = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp)
+        offset = np.repeat(roots, sizes)  # child indices are per tree
+        leaf = nodes["is_leaf"].astype(bool)
+        own = np.arange(len(nodes), dtype=np.intp)
+        left = np.where(leaf, own, nodes["left"].astype(np.intp) + offset)
+        right = np.where(leaf, own, nodes["right"].astype(np.intp) + offset)
+        self.n_features = int(nodes["feature_idx"].max()) + 1
+        feature = np.where(leaf, 0, nodes["feature_idx"].astype(np.intp)
+                           + self.n_features * nodes["missing_go_to_left"].astype(np.intp))
+        self.feature = np.repeat(feature, 2)  # indexed by slot
+        self.threshold = np.repeat(np.where(leaf, np.inf, nodes["num_threshold"]), 2)
+        self.child = 2 * np.stack([right, left], 1).ravel()  # slot 2n + go_left → slot
+        self.value = np.repeat(np.where(leaf, nodes["value"], 0.0), 2).astype(np.float64)
+        self.roots = 2 * roots
         self.depth = int(nodes["depth"].max())
         self.baseline = baseline
 
@@ -210,17 +236,18 @@ class FlatForest:
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """P(class 1) for [N, F] features."""
-        idx = np.repeat(self.roots[None, :], len(x), axis=0)
-        rows = np.arange(len(x))[:, None]
+        x = np.asarray(x, np.float64)
+        if x.shape[1] < self.n_features:
+            raise ValueError(f"{x.shape[1]} features, the trees read {self.n_features}")
+        nan = np.isnan(x)
+        both = np.concatenate([np.where(nan, np.inf, x)[:, :self.n_features],
+                               np.where(nan, -np.inf, x)[:, :self.n_features]], 1)
+        flat = both.ravel()
+        row = (np.arange(len(x)) * both.shape[1])[:, None]
+        slot = np.broadcast_to(self.roots, (len(x), len(self.roots)))
         for _ in range(self.depth):
-            leaf = self.leaf[idx]
-            if leaf.all():
-                break
-            v = x[rows, self.feature[idx]]
-            with np.errstate(invalid="ignore"):
-                left = np.where(np.isnan(v), self.missing_left[idx], v <= self.threshold[idx])
-            idx = np.where(leaf, idx, np.where(left, self.left[idx], self.right[idx]))
-        raw = self.baseline + self.value[idx].sum(axis=1)
+            slot = self.child[slot + (flat[self.feature[slot] + row] <= self.threshold[slot])]
+        raw = self.baseline + self.value[slot].sum(axis=1)
         return 1.0 / (1.0 + np.exp(-raw))
 
 
@@ -242,8 +269,11 @@ class RankIsotonic:
         return self
 
     def predict(self, p: np.ndarray) -> np.ndarray:
+        """`iso.predict` (linear between its thresholds, clipped at the ends) as one np.interp:
+        scikit-learn's call costs ~40 µs, a tenth of a live tick's budget."""
         p = np.asarray(p, np.float64)
-        return (1.0 - self.EPS) * np.asarray(self.iso.predict(p), np.float64) + self.EPS * p
+        iso = np.interp(p, self.iso.X_thresholds_, self.iso.y_thresholds_)
+        return (1.0 - self.EPS) * iso + self.EPS * p
 
 
 @dataclass

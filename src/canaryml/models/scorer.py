@@ -108,7 +108,8 @@ def _masked_mean(x: np.ndarray) -> np.ndarray:
     return np.where(ok, x, 0.0).sum(1) / np.maximum(ok.sum(1), 1)
 
 
-def _ecdf_fit(values: np.ndarray) -> tuple[np.ndarray, float]:
+def _ecdf_fit(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(knots, their ECDF levels, tail scale) for `_ecdf_apply`."""
     v = np.sort(values[np.isfinite(values)])
     if len(v) == 0:
         raise ScoringError("no healthy calibration ticks; calibration needs healthy deployments")
@@ -116,7 +117,7 @@ def _ecdf_fit(values: np.ndarray) -> tuple[np.ndarray, float]:
         v = np.quantile(v, np.linspace(0, 1, 4000))
     tau = float(v[-1] - np.quantile(v, 0.9))
     tau = tau if tau > 1e-9 else max(float(np.std(v)), 1e-3)
-    return v, tau
+    return v, np.arange(1, len(v) + 1) / (len(v) + 1), tau
 
 
 def _deployment_power(raw: np.ndarray, groups: np.ndarray | None, quantile: float,
@@ -142,17 +143,16 @@ def _deployment_power(raw: np.ndarray, groups: np.ndarray | None, quantile: floa
     for gid in ids:
         others = np.sort(x[g != gid])
         worst = float(x[g == gid].max())
-        knots, tau = _ecdf_fit(others)
-        p.append(float(_ecdf_apply(np.array([worst]), knots, tau)[0]))
+        p.append(float(_ecdf_apply(np.array([worst]), *_ecdf_fit(others))[0]))
     q = float(np.quantile(p, quantile))
     if not 0.0 < q < 1.0:
         return 1.0
     return float(np.log(anchor) / np.log(q))
 
 
-def _ecdf_apply(x: np.ndarray, knots: np.ndarray, tau: float) -> np.ndarray:
+def _ecdf_apply(x: np.ndarray, knots: np.ndarray, levels: np.ndarray, tau: float) -> np.ndarray:
     n = len(knots)
-    p = np.interp(x, knots, np.arange(1, n + 1) / (n + 1), left=0.0)
+    p = np.interp(x, knots, levels, left=0.0)
     over = x > knots[-1]
     p_max = n / (n + 1)
     # np.where evaluates both branches: clip the exponent so ticks far below the last knot
@@ -305,10 +305,11 @@ class CanaryScorer:
         out: list[ScoreResult | ScoringError | None] = [None] * len(windows)
         groups: dict[bool, tuple[list[int], list[np.ndarray], list[np.ndarray]]] = {
             True: ([], [], []), False: ([], [], [])}
+        steps = self.window_steps  # the predictor reads more history than the forecaster
         for i, w in enumerate(windows):
             try:
-                can = self._align(w, w.canary, "canary")
-                base = None if w.baseline is None else self._align(w, w.baseline, "baseline")
+                can = self._align(w, w.canary, "canary", steps)
+                base = None if w.baseline is None else self._align(w, w.baseline, "baseline", steps)
             except ScoringError as exc:
                 out[i] = exc
                 continue
@@ -320,10 +321,13 @@ class CanaryScorer:
         for has_base, (idx, cs, bs) in groups.items():
             if not idx:
                 continue
-            res = self._score_block(np.stack(cs), np.stack(bs) if has_base else None,
+            can_w = np.stack(cs)
+            base_w = np.stack(bs) if has_base else None
+            k = self.spec.lookback + self.spec.horizon
+            res = self._score_block(can_w[:, -k:], None if base_w is None else base_w[:, -k:],
                                     memo=False)
             if self.predictor is not None:
-                res["breach_probability"] = self._predict([windows[i] for i in idx], has_base)
+                res["breach_probability"] = self._predict(can_w, base_w)
             bad = res["invalid"]
             for j, i in enumerate(idx):
                 if bad[j]:
@@ -337,20 +341,18 @@ class CanaryScorer:
                     out[i] = self._result(res, j)
         return [r for r in out if r is not None]
 
-    def _predict(self, windows: Sequence[Window], has_base: bool) -> np.ndarray:
-        """Breach probabilities of live windows: each window's last `predictor.spec.window`
-        steps in the model's metric order, NaN-padded at the front, in one batch."""
+    def _predict(self, can: np.ndarray, base: np.ndarray | None) -> np.ndarray:
+        """Breach probabilities of aligned windows [N, window_steps, M]; a large batch split over
+        `workers` threads like `_components_parallel` (each window's features are its own)."""
         assert self.predictor is not None
-        n = self.predictor.spec.window
-
-        def rows(w: Window, values: np.ndarray) -> np.ndarray:
-            v = np.asarray(values, np.float32)[-n:, self._index_for(w.metrics, w.deployment_id)]
-            return np.concatenate([np.full((n - len(v), v.shape[1]), np.nan, np.float32), v])
-
-        can = np.stack([rows(w, w.canary) for w in windows])
-        base = (np.stack([rows(w, w.baseline) for w in windows if w.baseline is not None])
-                if has_base else None)
-        return self.predictor.predict(can, base)
+        predict = self.predictor.predict
+        parts = min(self.workers, len(can) // _PARALLEL_MIN)
+        if parts <= 1:
+            return predict(can, base)
+        spans = list(itertools.pairwise(np.linspace(0, len(can), parts + 1).astype(int)))
+        return np.concatenate(list(self._pool().map(
+            lambda ab: predict(can[ab[0]:ab[1]], None if base is None else base[ab[0]:ab[1]]),
+            spans)))
 
     def score_series(self, arrays: DeploymentArrays) -> np.ndarray:
         """Score of every tick of a deployment in one batched pass; NaN before the first full
@@ -437,9 +439,9 @@ class CanaryScorer:
             self._index_cache[key] = idx
         return idx
 
-    def _align(self, window: Window, values: np.ndarray, group: str) -> np.ndarray:
+    def _align(self, window: Window, values: np.ndarray, group: str, steps: int) -> np.ndarray:
+        """The window's last `steps` rows in the model's metric order, NaN-padded at the front."""
         values = np.asarray(values, dtype=np.float32)
-        lookback = self.spec.lookback + self.spec.horizon
         if values.ndim != 2 or values.shape[1] != len(window.metrics):
             raise ScoringError(
                 f"deployment {window.deployment_id!r}: {group} has shape {values.shape}, expected "
@@ -456,9 +458,9 @@ class CanaryScorer:
         idx = self._index_cache.get(key)
         if idx is None:
             idx = self._index_for(window.metrics, f"deployment {window.deployment_id!r}")
-        v = values[-lookback:, idx]
-        if len(v) < lookback:  # a canary's first minutes: NaN-pad the front
-            v = np.concatenate([np.full((lookback - len(v), v.shape[1]), np.nan, v.dtype), v])
+        v = values[-steps:, idx]
+        if len(v) < steps:  # a canary's first minutes: NaN-pad the front
+            v = np.concatenate([np.full((steps - len(v), v.shape[1]), np.nan, v.dtype), v])
         return v
 
     def _forecast(self, inputs: np.ndarray) -> np.ndarray:
@@ -612,6 +614,11 @@ class CanaryScorer:
     def _recalibrate(self) -> None:
         comps = self.calibration.components
         self._kind_present = np.array([self._is_app.any(), (~self._is_app).any()], float)
+        w = np.array([self.weights.weight_application_metrics,
+                      self.weights.weight_infrastructure_metrics]) * self._kind_present
+        w = w / max(w.sum(), 1e-12)  # per kind; per metric: shared by the kind's metrics
+        self._kind_w = w, np.where(self._is_app, w[0] / max(self._is_app.sum(), 1),
+                                   w[1] / max((~self._is_app).sum(), 1))
         _, _, kind_raw = self._kind_raw(comps[:, :2], comps[:, 2:])
         raw = self._combine_raw(kind_raw)
         self._ecdf = _ecdf_fit(raw)
@@ -639,11 +646,7 @@ class CanaryScorer:
         fe_n, det_n, kind_raw = self._kind_raw(fe, det)
         raw = self._combine_raw(kind_raw)
         score = _ecdf_apply(raw, *self._ecdf) ** self._power
-        w = np.array([self.weights.weight_application_metrics,
-                      self.weights.weight_infrastructure_metrics]) * self._kind_present
-        w = w / max(w.sum(), 1e-12)
-        kind_w = np.where(self._is_app, w[0] / max(self._is_app.sum(), 1),
-                          w[1] / max((~self._is_app).sum(), 1))
+        w, kind_w = self._kind_w
         contrib = comps["e"] * kind_w
         total = contrib.sum(1, keepdims=True)
         share = np.where(total > 0, contrib / np.maximum(total, 1e-12), 0.0)
