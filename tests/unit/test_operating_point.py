@@ -106,3 +106,29 @@ def test_the_operating_point_survives_save_and_load(tmp_path: Path) -> None:
     back = CanaryScorer.load(sc.save(tmp_path / "sc"))
     assert back.operating_point == sc.operating_point
     assert back.with_mix(0.0).operating_point is None  # chosen for the default mix only
+
+
+def test_a_false_rollback_target_with_confidence_needs_the_runs_to_show_it() -> None:
+    import pandas as pd
+    from scipy.stats import beta
+
+    from canaryml.replay.evaluate import frr_upper_bound, operating_point
+
+    # one-sided Clopper–Pearson: 0 of n → 1 − (1 − c)^(1/n); k of n → the Beta quantile
+    assert np.isclose(frr_upper_bound(np.array([0]), np.array([100]), 0.8)[0],
+                      1 - 0.2 ** (1 / 100))
+    assert np.isclose(frr_upper_bound(np.array([3]), np.array([400]), 0.9)[0],
+                      beta.ppf(0.9, 4, 397))
+    sweep = pd.DataFrame({  # the same observed rates from a small and a large corpus
+        "threshold": [0.3, 0.5, 0.7, 0.9], "caught_before_impact": [0.9, 0.8, 0.7, 0.6],
+        "detection_rate": [1.0, 0.9, 0.8, 0.7],
+        "false_rollback_rate": [0.009, 0.006, 0.003, 0.0],
+        "false_rollbacks": [9, 6, 3, 0], "healthy_runs": [1000] * 4})
+    assert operating_point(sweep, 0.01)["threshold"] == 0.3  # the observed rate ≤ 1 %
+    # at 80 % confidence 9 of 1,000 (bound ~1.2 %) is not enough, 6 of 1,000 (~0.9 %) is
+    assert operating_point(sweep, 0.01, confidence=0.8)["threshold"] == 0.5
+    small = sweep.assign(false_rollbacks=[1, 1, 0, 0], healthy_runs=[100] * 4,
+                         false_rollback_rate=[0.01, 0.01, 0.0, 0.0])
+    # 0 of 100 healthy runs bounds the rate only at ~1.6 %: nothing qualifies for 1 %
+    assert operating_point(small, 0.01, confidence=0.8) is None
+    assert operating_point(small, 0.01)["threshold"] == 0.3

@@ -109,28 +109,30 @@ def _timed(fn: Callable[[], Any], reps: int) -> dict[str, Any]:
             "loadavg_1m_before_after": [load0, _load()]}
 
 
-def _windows(arrays: Sequence[Any], w: int, n: int, stride: int) -> list[Any]:
+def _windows(arrays: Sequence[Any], w: int, n: int, stride: int, min_end: int) -> list[Any]:
+    """`n` live windows of up to `w` steps, ending `stride` steps apart from each deployment's
+    last step backwards (younger canaries hold fewer steps, as in a live tick)."""
     from canaryml.control.types import Window
 
     out = []
     for end_off in range(0, 10_000):
         for a in arrays:
-            end = w + end_off * stride
-            if end > len(a.timestamps_s):
+            end = len(a.timestamps_s) - end_off * stride
+            if end < min_end:
                 continue
+            sl = slice(max(0, end - w), end)
             out.append(Window(a.deployment_id, float(a.timestamps_s[end - 1]),
-                              a.timestamps_s[end - w:end], a.canary[end - w:end],
-                              None if a.baseline is None else a.baseline[end - w:end],
-                              a.metrics))
+                              a.timestamps_s[sl], a.canary[sl],
+                              None if a.baseline is None else a.baseline[sl], a.metrics))
             if len(out) == n:
                 return out
     return out
 
 
 def _measure(scorer: Any, arrays: Sequence[Any], ticks: int, deployments: int) -> dict[str, Any]:
-    w = scorer.lookback
-    single = _windows(arrays, w, 500, 7)
-    tick = _windows(arrays, w, deployments, 3)  # 1,000 different windows: one per deployment
+    w = scorer.window_steps  # what the controller fetches per deployment (the predictor's history)
+    single = _windows(arrays, w, 500, 7, scorer.min_steps)
+    tick = _windows(arrays, w, deployments, 3, scorer.min_steps)  # 1,000 different windows: one per deployment
     if len(tick) < deployments:
         raise ValueError(f"the test split holds only {len(tick)} windows; need {deployments}")
     out: dict[str, Any] = {"window_steps": w, "deployments_per_tick": deployments}

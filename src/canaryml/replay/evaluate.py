@@ -162,6 +162,7 @@ def metrics_from_times(decided_at: np.ndarray, deployments: pd.DataFrame | Mappi
         "healthy_rolled_back_rate": float((rb & healthy).sum() / nh) if nh else None,
         "rolled_back_before_onset": int(early.sum()),
         "rolled_back_before_onset_rate": float(early.sum() / nf) if nf else None,
+        "false_rollbacks": int(((rb & healthy) | early).sum()), "healthy_runs": nr,
     }
     for q in (10, 50, 90):
         out[f"lead_time_s_p{q}"] = _pct(lead, q)
@@ -203,14 +204,37 @@ def sweep_table(history: ScoreHistory, cfg: PolicyConfig, deployments: pd.DataFr
         rows.append({"threshold": float(thr), "detection_rate": m["detection_rate"],
                      "false_rollback_rate": m["false_rollback_rate"],
                      "caught_before_impact": m["caught_before_impact"],
-                     "lead_time_s_p50": m["lead_time_s_p50"]})
+                     "lead_time_s_p50": m["lead_time_s_p50"],
+                     "false_rollbacks": m["false_rollbacks"], "healthy_runs": m["healthy_runs"]})
     return pd.DataFrame(rows)
 
 
-def operating_point(sweep: pd.DataFrame, max_frr: float) -> dict[str, Any] | None:
+def frr_upper_bound(false_rollbacks: np.ndarray, runs: np.ndarray, confidence: float
+                    ) -> np.ndarray:
+    """One-sided Clopper–Pearson upper bound on the false-rollback rate at `confidence` (k false
+    rollbacks among n healthy runs); 0 where there are no runs."""
+    from scipy.stats import beta
+
+    k, n = np.asarray(false_rollbacks, float), np.asarray(runs, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ub = beta.ppf(confidence, k + 1, np.maximum(n - k, 1e-12))
+    return np.where(n > 0, np.where(k >= n, 1.0, ub), 0.0)
+
+
+def operating_point(sweep: pd.DataFrame, max_frr: float, confidence: float | None = None
+                    ) -> dict[str, Any] | None:
     """Best threshold with false_rollback_rate ≤ max_frr: most faulty canaries caught before
-    impact, then highest detection, then the highest threshold (most conservative)."""
-    ok = sweep[sweep["false_rollback_rate"].fillna(0.0) <= max_frr + 1e-12]
+    impact, then highest detection, then the highest threshold (most conservative). With
+    `confidence` (e.g. 0.8) the rate must hold with that confidence: the one-sided
+    Clopper–Pearson upper bound of the observed rate ≤ max_frr, so a small calibration corpus
+    cannot promise a rate its few healthy runs do not show (the sweep needs the false_rollbacks
+    and healthy_runs columns then)."""
+    rate = sweep["false_rollback_rate"].fillna(0.0)
+    if confidence is not None:
+        rate = pd.Series(frr_upper_bound(sweep["false_rollbacks"].to_numpy(),
+                                         sweep["healthy_runs"].to_numpy(), confidence),
+                         index=sweep.index)
+    ok = sweep[rate <= max_frr + 1e-12]
     if ok.empty:
         return None
     best = ok.sort_values(["caught_before_impact", "detection_rate", "threshold"],

@@ -306,18 +306,19 @@ class CalibrationSpace:
 
 
 def best_threshold(history: ScoreHistory, cfg: PolicyConfig, deps: pd.DataFrame,
-                   consecutive: Sequence[int], thresholds: np.ndarray, target_frr: float
-                   ) -> tuple[int, dict[str, Any] | None, int]:
+                   consecutive: Sequence[int], thresholds: np.ndarray, target_frr: float,
+                   confidence: float | None = None) -> tuple[int, dict[str, Any] | None, int]:
     """Sweep `history` over every threshold for each hysteresis in `consecutive`: the best
-    (consecutive, operating point) at a false-rollback rate ≤ `target_frr` (op None if none
-    reaches it) and how many (consecutive, threshold) pairs were compared."""
+    (consecutive, operating point) at a false-rollback rate ≤ `target_frr` (with `confidence`:
+    its upper confidence bound, `operating_point`; op None if none reaches it) and how many
+    (consecutive, threshold) pairs were compared."""
     best: tuple[int, dict[str, Any] | None] = (int(consecutive[0]), None)
     compared = 0
     for c in consecutive:
         cc = replace(cfg, consecutive_breaches=int(c))
         grid = breakpoints(history, cc, thresholds)
         compared += len(grid)
-        op = operating_point(sweep_table(history, cc, deps, grid), target_frr)
+        op = operating_point(sweep_table(history, cc, deps, grid), target_frr, confidence)
         if op is not None and _better(op, best[1]):
             best = (int(c), op)
     return best[0], best[1], compared
@@ -362,7 +363,7 @@ def predict_candidates(history: ScoreHistory, deps: pd.DataFrame, grid: Sequence
 
 def best_setting(history: ScoreHistory, cfg: PolicyConfig, deps: pd.DataFrame,
                  consecutive: Sequence[int], thresholds: np.ndarray, target_frr: float,
-                 mode: str, grid: Sequence[float | None]
+                 mode: str, grid: Sequence[float | None], confidence: float | None = None
                  ) -> tuple[int, float | None, dict[str, Any] | None, int]:
     """`best_threshold` over the predictive rule's probabilities too (scorer policies):
     (consecutive, predict_probability, operating point, pairs compared). `mode` off: the rule
@@ -376,7 +377,8 @@ def best_setting(history: ScoreHistory, cfg: PolicyConfig, deps: pd.DataFrame,
     for p in probs:
         h = history.with_predictive_rule(p, only=mode == "only")
         c, op, n = best_threshold(h, cfg, deps, consecutive,
-                                  np.array([1.0]) if mode == "only" else thresholds, target_frr)
+                                  np.array([1.0]) if mode == "only" else thresholds, target_frr,
+                                  confidence)
         compared += n
         if op is not None and _better(op, best[2]):
             best = (c, p, op)
@@ -420,8 +422,10 @@ def _better(a: Mapping[str, Any], b: Mapping[str, Any] | None) -> bool:
 def calibrate(ds: CanonicalDataset, names: Sequence[str], base: Mapping[str, dict[str, Any]],
               builder: PolicyBuilder, space: CalibrationSpace, target_frr: float,
               thresholds: np.ndarray, *, horizon_s: float | None = None,
-              progress: bool = True, workers: int | None = None) -> dict[str, Tuned]:
-    """Choose every policy's settings on the labelled calibration corpus `ds` (step 1)."""
+              progress: bool = True, workers: int | None = None,
+              confidence: float | None = None) -> dict[str, Tuned]:
+    """Choose every policy's settings on the labelled calibration corpus `ds` (step 1); with
+    `confidence`, the false-rollback target must hold at that confidence (`operating_point`)."""
     deps = deployment_table(ds)
     candidates: list[tuple[str, dict[str, Any], ReplayPolicy]] = []
     for name in names:
@@ -442,11 +446,13 @@ def calibrate(ds: CanonicalDataset, names: Sequence[str], base: Mapping[str, dic
         if fam == "scorer":
             c, p, op, compared = best_setting(history, rp.policy.rollback.config, deps,
                                               space.consecutive(fam), thresholds, target_frr,
-                                              predict_mode(name), space.predict_probability)
+                                              predict_mode(name), space.predict_probability,
+                                              confidence)
             s = dict(s) | {"predict_probability": p}
         else:
             c, op, compared = best_threshold(history, rp.policy.rollback.config, deps,
-                                             space.consecutive(fam), thresholds, target_frr)
+                                             space.consecutive(fam), thresholds, target_frr,
+                                             confidence)
         tried[name] += compared
         if op is not None and _better(op, best.get(name, (None, None))[1]):
             best[name] = (at_threshold(fam, s, float(op["threshold"]), c), op)
@@ -466,8 +472,8 @@ def choose_operating_point(scorer: Any, ds: CanonicalDataset, deployment_ids: Se
                            pcfg: PolicyConfig, target_frr: float,
                            consecutive: Sequence[int] = (1, 2, 3), *,
                            thresholds: np.ndarray | None = None,
-                           predict_grid: Sequence[float | None] = CalibrationSpace.predict_probability
-                           ) -> dict[str, Any] | None:
+                           predict_grid: Sequence[float | None] = CalibrationSpace.predict_probability,
+                           confidence: float | None = None) -> dict[str, Any] | None:
     """The scorer's own operating point, chosen like replay's calibration on held-back labelled
     deployments (training's validation split): the threshold, hysteresis and (with a breach
     predictor) the predictive rule's probability that catch most faulty canaries before impact
@@ -485,12 +491,13 @@ def choose_operating_point(scorer: Any, ds: CanonicalDataset, deployment_ids: Se
                     progress=False, decide=False)
     grid = np.linspace(0.0, 1.0, 101) if thresholds is None else thresholds
     c, p, op, _ = best_setting(result.histories["scorer"], cfg, deps, consecutive, grid,
-                               target_frr, "on", predict_grid)
+                               target_frr, "on", predict_grid, confidence)
     if op is None:
         return None
     return {"rollback_threshold": float(op["threshold"]), "consecutive_breaches": c,
             "predict_probability": p,
-            "target_frr": float(target_frr), "chosen_on": "validation deployments",
+            "target_frr": float(target_frr), "frr_confidence": confidence,
+            "chosen_on": "validation deployments",
             "deployments": len(deps), "healthy": int((deps["label"] == "healthy").sum()),
             "false_rollback_rate": op.get("false_rollback_rate"),
             "caught_before_impact": op.get("caught_before_impact")}

@@ -120,9 +120,9 @@ def run(cfg: DictConfig) -> int:
                                 scorers, models, versions)
         tuned = calibrate(cds, names, base, builder, CalibrationSpace.from_mapping(cal),
                           float(cal["target_frr"]), thresholds, horizon_s=rc.get("horizon_s"),
-                          workers=rc.get("workers"))
+                          workers=rc.get("workers"), confidence=_confidence(cal))
         cal_info = {"path": str(cal["dataset"]), "content_hash": cds.content_hash,
-                    "target_frr": float(cal["target_frr"])}
+                    "target_frr": float(cal["target_frr"]), "frr_confidence": _confidence(cal)}
     settings = {n: (tuned[n].settings if tuned else base[n]) for n in names}
     for n in names:
         if family(n, models) == "kayenta":
@@ -140,6 +140,13 @@ def run(cfg: DictConfig) -> int:
     _finish(cfg, rc, datasets, evals, make(first), settings, tuned, cal_info, versions)
     log.info("replay wrote %s in %.1f s", cfg.out, time.perf_counter() - t0)
     return 0
+
+
+def _confidence(cal: Any) -> float | None:
+    c = cal.get("frr_confidence")
+    if c is not None and not 0.0 < float(c) < 1.0:
+        raise ConfigError(f"replay.calibration.frr_confidence={c} must be in (0, 1) or null")
+    return None if c is None else float(c)
 
 
 def _check_interval(interval_s: float, datasets: list[tuple[str, CanonicalDataset]],

@@ -101,7 +101,12 @@ def _operating_point(cfg: DictConfig, dataset: CanonicalDataset, result: Any
 
     pcfg = PolicyConfig.from_mapping(cast(dict, OmegaConf.to_container(cfg.policy, resolve=True)))
     target = float(cfg.trainer.get("operating_point_frr", 0.01))
-    op = choose_operating_point(result.scorer, dataset, result.split["val"], pcfg, target)
+    confidence = cfg.trainer.get("operating_point_confidence")
+    if confidence is not None and not 0.0 < float(confidence) < 1.0:
+        raise ConfigError(f"trainer.operating_point_confidence={confidence} must be in (0, 1) "
+                          "or null")
+    op = choose_operating_point(result.scorer, dataset, result.split["val"], pcfg, target,
+                                confidence=None if confidence is None else float(confidence))
     if op is not None:
         p = op.get("predict_probability")
         log.info("operating point: threshold %.4f, %d breach(es) in a row, predictive rule %s, "
