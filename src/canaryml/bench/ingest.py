@@ -136,34 +136,43 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def _cpu_s() -> float:
+def _cpu() -> tuple[float, float]:
     usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime, usage.ru_stime
+
+
+def _load1() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def _pass(kind: str, bundle_dir: str, work_dir: str) -> dict[str, Any]:
     """One timed pass in a fresh process, so peak RSS and allocator state are its own.
 
     `cpu_s` is the CPU time (user + system, all threads) the pass used: on a shared machine
-    it is the load-independent cost, where `seconds` also measures the neighbours."""
+    it is the load-independent cost, where `seconds` also measures the neighbours. `load1` is
+    the 1-minute load average when the pass started."""
     work = Path(work_dir)
+    load1 = _load1()
+    (u0, s0), t0 = _cpu(), time.perf_counter()
     if kind == "pandas":
-        c0, t0 = _cpu_s(), time.perf_counter()
         df = pd.read_csv(Path(bundle_dir) / "samples.csv")
         df.to_parquet(work / "pandas.parquet")
-        return {"seconds": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0,
-                "peak_rss_mb": _peak_rss_mb()}
-    c0, t0 = _cpu_s(), time.perf_counter()
+        seconds = time.perf_counter() - t0
+        (u1, s1) = _cpu()
+        return {"seconds": seconds, "cpu_s": u1 - u0 + s1 - s0, "user_s": u1 - u0,
+                "sys_s": s1 - s0, "peak_rss_mb": _peak_rss_mb(), "load1": load1,
+                "out_bytes": (work / "pandas.parquet").stat().st_size}
     bundle = read_bundle(bundle_dir)
     read_s = time.perf_counter() - t0
     manifest = write_canonical(bundle, work / "canonical", step_s=STEP_S,
                                catalog=Catalog.default(), source="bundle")
     seconds = time.perf_counter() - t0
-    cpu = _cpu_s() - c0
+    (u1, s1) = _cpu()
     out_bytes = sum(p.stat().st_size for p in (work / "canonical").rglob("*") if p.is_file())
-    return {"seconds": seconds, "cpu_s": cpu, "read_bundle_s": read_s,
+    return {"seconds": seconds, "cpu_s": u1 - u0 + s1 - s0, "user_s": u1 - u0,
+            "sys_s": s1 - s0, "read_bundle_s": read_s,
             "write_canonical_s": seconds - read_s,
-            "peak_rss_mb": _peak_rss_mb(), "out_bytes": out_bytes,
+            "peak_rss_mb": _peak_rss_mb(), "load1": load1, "out_bytes": out_bytes,
             "duplicates_dropped": manifest["counts"]["duplicates_dropped"],
             "rows_out": manifest["counts"]["rows"], "gaps": manifest["counts"]["gaps"]}
 
@@ -182,12 +191,14 @@ def _timed(kind: str, bundle_dir: Path, repeats: int) -> list[dict[str, Any]]:
 
 
 def run(out_dir: Path, n_samples: int = 10_000_000, seed: int = 0,
-        repeats: int = 2) -> dict[str, Any]:
+        repeats: int = 3) -> dict[str, Any]:
     """Time CSV → canonical Parquet on a ≥ `n_samples` bundle; write `<out_dir>/ingest.json`.
 
-    Each pass runs `repeats` times in a fresh process, interleaved with the pandas pass; the
-    best time of each is the headline (the machine is shared, so the slower runs measure the
-    neighbours) and every run is recorded.
+    Each pass runs `repeats` times in a fresh process, interleaved with the pandas pass: round
+    i runs both, canaryml first in even rounds and pandas first in odd ones, so neither pass
+    always follows the other. The best time of each is the headline (the machine is shared,
+    so the slower runs measure the neighbours); the medians, the per-round ratios and every
+    run (wall, CPU, peak RSS, load) are recorded beside it.
     """
     if n_samples < 1000:
         raise ConfigError(f"bench.ingest.n_samples={n_samples} is too small; use ≥ 1000")
@@ -206,14 +217,27 @@ def run(out_dir: Path, n_samples: int = 10_000_000, seed: int = 0,
     canary_runs: list[dict[str, Any]] = []
     pandas_runs: list[dict[str, Any]] = []
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    for _ in tqdm(range(repeats), desc="ingest bench", unit="round"):
-        canary_runs += _timed("canaryml", cache, 1)
-        pandas_runs += _timed("pandas", cache, 1)
+    for i in tqdm(range(repeats), desc="ingest bench", unit="round"):
+        for kind in (("canaryml", "pandas") if i % 2 == 0 else ("pandas", "canaryml")):
+            (canary_runs if kind == "canaryml" else pandas_runs).extend(
+                _timed(kind, cache, 1))
     best_c = min(canary_runs, key=lambda r: r["seconds"])
     best_p = min(pandas_runs, key=lambda r: r["seconds"])
 
     def rounded(r: dict[str, Any]) -> dict[str, Any]:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+
+    def median(runs: list[dict[str, Any]], key: str) -> float:
+        return float(np.median([r[key] for r in runs]))
+
+    def spread(runs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"median_s": round(median(runs, "seconds"), 3),
+                "median_cpu_s": round(median(runs, "cpu_s"), 3),
+                "runs_s": [round(r["seconds"], 3) for r in runs],
+                "runs_cpu_s": [round(r["cpu_s"], 3) for r in runs],
+                "runs_sys_s": [round(r["sys_s"], 3) for r in runs],
+                "runs_load1": [r["load1"] for r in runs],
+                "runs_peak_rss_mb": [r["peak_rss_mb"] for r in runs]}
 
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     # peak RSS of each pass: the largest of its runs (each run is its own fresh process)
@@ -238,16 +262,17 @@ def run(out_dir: Path, n_samples: int = 10_000_000, seed: int = 0,
                     "Parquet, hash, manifest)",
             **rounded(best_c),
             "samples_per_s": round(samples / best_c["seconds"]),
-            "runs_s": [round(r["seconds"], 3) for r in canary_runs],
-            "runs_peak_rss_mb": [r["peak_rss_mb"] for r in canary_runs],
+            "median_samples_per_s": round(samples / median(canary_runs, "seconds")),
+            **spread(canary_runs),
             "max_peak_rss_mb": peak_c,
         },
         "pandas": {
-            "what": "pandas.read_csv + DataFrame.to_parquet (no validation, no resampling)",
+            "what": "pandas.read_csv + DataFrame.to_parquet with their defaults (C parser, "
+                    "pyarrow engine, snappy; no validation, no resampling)",
             **rounded(best_p),
             "samples_per_s": round(samples / best_p["seconds"]),
-            "runs_s": [round(r["seconds"], 3) for r in pandas_runs],
-            "runs_peak_rss_mb": [r["peak_rss_mb"] for r in pandas_runs],
+            "median_samples_per_s": round(samples / median(pandas_runs, "seconds")),
+            **spread(pandas_runs),
             "max_peak_rss_mb": peak_p,
         },
         "target_samples_per_s": 2_000_000,
@@ -255,9 +280,19 @@ def run(out_dir: Path, n_samples: int = 10_000_000, seed: int = 0,
         "target_peak_rss": "canaryml's largest peak RSS ≤ pandas's smallest",
     }
     result["speedup_vs_pandas"] = round(best_p["seconds"] / best_c["seconds"], 2)
-    # the same ratio in CPU time (least CPU of each pass's runs): what the load cannot skew
+    # the same ratio in CPU time (least CPU of each pass's runs): what the load skews least
     result["cpu_ratio_vs_pandas"] = round(min(r["cpu_s"] for r in pandas_runs)
                                           / min(r["cpu_s"] for r in canary_runs), 2)
+    # the ratios of the medians, and of the two runs of each round (run back to back, so
+    # under about the same load)
+    result["median_speedup_vs_pandas"] = round(
+        median(pandas_runs, "seconds") / median(canary_runs, "seconds"), 2)
+    result["median_cpu_ratio_vs_pandas"] = round(
+        median(pandas_runs, "cpu_s") / median(canary_runs, "cpu_s"), 2)
+    result["rounds_speedup_vs_pandas"] = [
+        round(p["seconds"] / c["seconds"], 2) for c, p in zip(canary_runs, pandas_runs, strict=True)]
+    result["rounds_cpu_ratio_vs_pandas"] = [
+        round(p["cpu_s"] / c["cpu_s"], 2) for c, p in zip(canary_runs, pandas_runs, strict=True)]
     result["peak_rss_vs_pandas"] = round(peak_c / min(r["peak_rss_mb"] for r in pandas_runs), 2)
     result["peak_rss_vs_csv_bytes"] = round(peak_c * 2**20 / int(meta["bytes"]), 2)
     checks = {
@@ -274,6 +309,8 @@ def run(out_dir: Path, n_samples: int = 10_000_000, seed: int = 0,
         "pandas_samples_per_s": result["pandas"]["samples_per_s"],
         "speedup_vs_pandas": result["speedup_vs_pandas"],
         "cpu_ratio_vs_pandas": result["cpu_ratio_vs_pandas"],
+        "median_speedup_vs_pandas": result["median_speedup_vs_pandas"],
+        "median_cpu_ratio_vs_pandas": result["median_cpu_ratio_vs_pandas"],
         "canaryml_peak_rss_mb": peak_c,
         "pandas_peak_rss_mb": min(r["peak_rss_mb"] for r in pandas_runs),
         "peak_rss_vs_pandas": result["peak_rss_vs_pandas"],
@@ -292,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-samples", type=int, default=10_000_000)
     parser.add_argument("--out-dir", type=Path, default=None)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s")
     from canaryml.paths import repo_root
