@@ -20,8 +20,10 @@ import pyarrow as pa
 import pytest
 
 from canaryml.catalog import Catalog
+from canaryml.data import contract
 from canaryml.data.contract import (
     _Fallback,
+    _parsed_ahead,
     read_bundle,
     read_samples,
     small_pages,
@@ -129,3 +131,51 @@ def test_manifest_counts_survive_a_round_trip(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert saved["counts"] == manifest["counts"]
     assert "zz_late" in saved["metrics"]  # a metric outside the catalog is kept
+
+
+def test_parsing_ahead_yields_every_batch_in_order_and_raises_the_parse_error() -> None:
+    batches = [pa.record_batch({"x": [i]}) for i in range(7)]
+    assert [b.column(0)[0].as_py() for b in _parsed_ahead(iter(batches))] == list(range(7))
+
+    def broken():
+        yield batches[0]
+        raise pa.ArrowInvalid("CSV parse error: row 3")
+
+    got = []
+    with pytest.raises(pa.ArrowInvalid, match="row 3"):
+        for b in _parsed_ahead(broken()):
+            got.append(b)
+    assert len(got) == 1
+
+
+def test_parsing_ahead_stops_its_thread_when_the_reader_leaves_early() -> None:
+    import threading
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield pa.record_batch({"x": [i]})
+            i += 1
+
+    ahead = _parsed_ahead(endless(), depth=2)
+    next(ahead)
+    ahead.close()  # what a `_Fallback` raised by the consumer does
+    assert not [t for t in threading.enumerate() if t.name == "canaryml-csv-parse"]
+    assert len(produced) <= 5  # it parsed at most `depth` batches ahead
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_a_bad_row_deep_in_a_large_file_falls_back_in_both_modes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threaded: bool) -> None:
+    monkeypatch.setattr(contract, "_parse_in_threads", lambda: threaded)
+    monkeypatch.setattr(contract, "_STREAM_BLOCK", 1 << 12)  # many batches
+    rows = _rows(60)
+    rows.insert(len(rows) - 10, ("2024-05-01T00:02:00Z", "d1", "canry", "latency_p99", "1.0"))
+    folder = _bundle(tmp_path / "b", rows)
+    with pytest.raises(DataContractError, match=r"column 'group'.*line"):
+        read_bundle(folder)
+    good = _bundle(tmp_path / "g", _rows(60))
+    assert read_bundle(good).num_samples == len(_rows(60))

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import dataclasses
 import io
 import logging
 import os
+import queue
 import re
+import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -624,7 +628,7 @@ def _series_ids(codes: SampleCodes, lo: int, hi: int, n_inst: int, n_met: int,
     return series
 
 
-_DEDUP_CHUNK = 1 << 20
+_DEDUP_CHUNK = 1 << 16  # rows: the key temporaries stay in the CPU's cache and the heap
 
 
 def _adjacent_duplicates(codes: SampleCodes, n_inst: int, n_met: int, n_series: int
@@ -695,8 +699,9 @@ _SAMPLE_COLUMNS = ("timestamp", "deployment_id", "group", "metric", "value", "in
 
 def _sample_batches(path: Path) -> Iterator[pa.RecordBatch]:
     """Record batches of the sample columns, parsed with their final types (CSV: Arrow's
-    multi-threaded streaming reader; Parquet: the dataset scanner). Raises `_Fallback` for an
-    input the streaming reader does not handle (unknown timestamp format, missing columns)."""
+    streaming reader, parsing ahead in a thread; Parquet: the dataset scanner). Raises
+    `_Fallback` for an input the streaming reader does not handle (unknown timestamp format,
+    missing columns)."""
     if path.suffix == ".csv" and path.is_file():
         if path.stat().st_size == 0:
             raise _Fallback("empty file")
@@ -706,15 +711,19 @@ def _sample_batches(path: Path) -> Iterator[pa.RecordBatch]:
         ts_type = _sniff_timestamp_type(path)
         if ts_type is None:
             raise _Fallback("timestamp format")
-        types = {"timestamp": ts_type, "deployment_id": DICT, "group": DICT, "metric": DICT,
-                 "instance": DICT, "value": pa.float64()}
+        # names as plain text: Arrow's CSV dictionary converter cost ~0.3-0.4 CPU-s per name
+        # column of 10 M rows, plain text ~0.07 and `_batch_codes` ~0.06 (measured)
+        types = {"timestamp": ts_type, "deployment_id": pa.string(), "group": pa.string(),
+                 "metric": pa.string(), "instance": pa.string(), "value": pa.float64()}
+        # check_utf8=False: `_batch_codes` only accepts names equal to known (valid) ones or
+        # whose dictionary validates, which checks the few distinct names instead of every row
         convert = pacsv.ConvertOptions(
             column_types=types, strings_can_be_null=True, timestamp_parsers=[pacsv.ISO8601],
-            include_columns=[c for c in _SAMPLE_COLUMNS if c in header])
-        read = pacsv.ReadOptions(block_size=_STREAM_BLOCK, use_threads=_parse_in_threads())
+            include_columns=[c for c in _SAMPLE_COLUMNS if c in header], check_utf8=False)
+        read = pacsv.ReadOptions(block_size=_STREAM_BLOCK, use_threads=False)
         reader = pacsv.open_csv(path, read_options=read, convert_options=convert)
         with reader:
-            yield from reader
+            yield from (_parsed_ahead(reader) if _parse_in_threads() else reader)
         return
     if path.is_dir() or path.suffix == ".parquet":
         if path.is_file() and path.stat().st_size == 0:
@@ -729,32 +738,100 @@ def _sample_batches(path: Path) -> Iterator[pa.RecordBatch]:
     raise _Fallback("not a CSV or Parquet table")
 
 
+def _parsed_ahead(batches: Iterator[pa.RecordBatch], depth: int = 2
+                  ) -> Iterator[pa.RecordBatch]:
+    """The batches of `batches`, parsed by a background thread up to `depth` ahead while the
+    caller codes the previous ones (Arrow parses without holding the GIL): the parse and the
+    coding overlap on two cores. An error in the parse is raised here; closing this iterator
+    early stops the thread before it returns."""
+    done = object()
+    ahead: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def parse() -> None:
+        try:
+            for batch in batches:
+                if not put(batch):
+                    return
+            put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+
+    thread = threading.Thread(target=parse, name="canaryml-csv-parse", daemon=True)
+    thread.start()
+    try:
+        while (item := ahead.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, pa.RecordBatch)
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 @contextlib.contextmanager
 def small_pages() -> Iterator[None]:
-    """Large numpy arrays allocated inside get ordinary pages, not transparent huge pages.
+    """Memory allocated inside gets ordinary pages, not transparent huge pages (THP).
 
     numpy asks the kernel for huge pages on every array over 4 MB; where THP defrag is
     `madvise` (common), each first touch may compact memory synchronously, which cost ingest
     ~0.6 s of system time per 10 M samples (measured) — more than the arrays' whole fill.
-    The setting is process-wide in numpy, so it is restored on exit."""
+    Arrow's buffers get huge pages as well (`_thp_disable`), so THP is also off for the
+    process meanwhile. Both settings are process-wide, so they are restored on exit."""
     setter = getattr(getattr(getattr(np, "_core", None), "multiarray", None),
                      "_set_madvise_hugepage", None)
-    if setter is None:
-        yield
-        return
-    previous = setter(False)
+    previous = setter(False) if setter is not None else None
+    thp_was_off = _thp_disable(True)
     try:
         yield
     finally:
-        setter(previous)
+        if setter is not None:
+            setter(previous)
+        if thp_was_off is False:
+            _thp_disable(False)
+
+
+def _thp_disable(off: bool) -> bool | None:
+    """Turn transparent huge pages off (or back on) for this process (Linux prctl); returns
+    whether they were off before, None where the call is not available.
+
+    The CSV parser's buffers (Arrow's allocator) came on huge pages too (~150 MB in ~2,000
+    page faults), freed and reallocated batch after batch: the first parse in a fresh process
+    spent 0.05-0.9 s of system time on them, as much as the parse itself at worst, depending
+    on how fragmented the machine's memory was. With THP off it spent 0.05-0.08 s every time
+    (10 M samples, measured)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        before = libc.prctl(42, 0, 0, 0, 0)  # PR_GET_THP_DISABLE
+        if before < 0 or libc.prctl(41, int(off), 0, 0, 0) != 0:  # PR_SET_THP_DISABLE
+            return None
+        return bool(before)
+    except (OSError, AttributeError, TypeError):
+        return None
 
 
 def _parse_in_threads() -> bool:
-    """Parse CSV blocks on Arrow's thread pool only while the machine has idle cores.
+    """Parse CSV blocks in a background thread (`_parsed_ahead`) only while the machine has
+    idle cores.
 
-    On a saturated machine every hand-off between the read-ahead, parser and consumer threads
-    waits for a time slice, which costs more than the parallel parse gains (10 M samples on
-    2 cores at load 9: 2.9 s threaded, 1.4-2.8 s in one thread, and ~15 % more CPU)."""
+    The parse thread overlaps the coding of the previous batch: 10 M samples on 2 shared
+    cores read in 1.07-1.48 s instead of 1.39-1.77 s, but for ~0.1-0.3 s more CPU time
+    (measured at load 2.6-3.8, where the gain came from taking time slices from the
+    neighbours). On a saturated machine every hand-off waits for a time slice (Arrow's own
+    multi-threaded reader at load 9 on 2 cores: 2.9 s against 1.4-2.8 s in one thread and
+    ~15 % more CPU, measured), so a busy machine gets the one-thread path."""
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
@@ -766,17 +843,29 @@ def _parse_in_threads() -> bool:
 def _batch_codes(col: pa.Array, pos: dict[str, int], grow: bool, out: np.ndarray) -> None:
     """Write the codes of a string column's rows in `pos` (grown with new values when `grow`)
     into `out`; `_Fallback` on a null, an empty name or a value outside `pos` (the whole-table
-    path names them)."""
+    path names them), ArrowInvalid on a new name that is not UTF-8.
+
+    Plain text is looked up in the names already known (`pc.index_in`: one hash probe a row,
+    the codes come out directly); only a batch with a new name is dictionary-encoded to grow
+    `pos`. Either costs a fraction of Arrow's CSV dictionary conversion (measured)."""
+    if col.null_count:
+        raise _Fallback("null")
     if not pa.types.is_dictionary(col.type):
         if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
             raise _Fallback("not text")
-        col = pc.dictionary_encode(col)
-    if col.null_count:
-        raise _Fallback("null")
+        if pos:  # names seen before: one hash lookup a row gives the codes
+            codes = pc.index_in(col, value_set=pa.array(list(pos), col.type))
+            if not codes.null_count:
+                np.copyto(out, codes.to_numpy(zero_copy_only=False), casting="unsafe")
+                return
+            if not grow:
+                raise _Fallback("unknown value")
+        col = pc.dictionary_encode(col)  # new names: coded in order of first appearance
     assert isinstance(col, pa.DictionaryArray)
     dictionary = col.dictionary
     if not (pa.types.is_string(dictionary.type) or pa.types.is_large_string(dictionary.type)):
         raise _Fallback("not text")
+    dictionary.validate(full=True)  # UTF-8 (the CSV parser does not check it): ArrowInvalid
     mapping = np.empty(max(1, len(dictionary)), out.dtype)
     for i, value in enumerate(dictionary.to_pylist()):
         code = pos.get(value)
@@ -821,10 +910,12 @@ def _batch_values(col: pa.Array, out: np.ndarray) -> None:
     typ = col.type
     if not (pa.types.is_floating(typ) or pa.types.is_integer(typ) or pa.types.is_null(typ)):
         raise _Fallback("value type")
-    out[:] = pc.fill_null(pc.cast(col, pa.float64()), np.nan).to_numpy(zero_copy_only=False)
-    with np.errstate(invalid="ignore"):
-        if (np.abs(out) > _F32_MAX).any():  # NaN compares False: a missed scrape is fine
-            raise _Fallback("infinite or beyond float32")
+    if typ != pa.float64():
+        col = pc.cast(col, pa.float64())
+    out[:] = col.to_numpy(zero_copy_only=False)  # a null (missed scrape) becomes NaN
+    lo, hi = np.nanmin(out, initial=0.0), np.nanmax(out, initial=0.0)  # all-NaN: no warning
+    if not -_F32_MAX <= lo <= hi <= _F32_MAX:
+        raise _Fallback("infinite or beyond float32")
 
 
 class _Columns:

@@ -54,7 +54,9 @@ MANIFEST = "manifest.json"
 # an existing folder ingest may replace: it holds a canonical dataset's manifest (DESIGN §2.3)
 OWNS_DATASET = json_marker(MANIFEST, "schema_version", "content_hash", "counts")
 GROUP_CODES = {g: i for i, g in enumerate(GROUPS)}  # baseline=0, canary=1
-_CHUNK = 1 << 20  # samples per chunk of the resampling arithmetic
+# samples per chunk of the resampling arithmetic: its ~10 temporaries stay in the CPU's L2
+# cache (chunks of 1 << 20 took 1.5-2x as long on 10 M samples, measured)
+_CHUNK = 1 << 16
 
 
 def _owns_remote(loc: Location) -> bool:
@@ -146,7 +148,10 @@ def _write_local(bundle: Bundle, out: str | Path, *, step_s: int, catalog: Catal
         codes = sample_codes(bundle.samples, deps, bundle.source)
     # only metrics that have samples (a Parquet dictionary may carry unused entries); dropped
     # duplicates need no filtering here: each has a kept twin with the same metric and cell
-    present = np.bincount(codes.metric, minlength=len(codes.metrics)) > 0
+    present = np.zeros(len(codes.metrics), dtype=bool)
+    for lo in range(0, len(codes.metric), _CHUNK):  # in chunks: no 8-byte copy of every code
+        present |= np.bincount(codes.metric[lo:lo + _CHUNK],
+                               minlength=len(codes.metrics))[:len(codes.metrics)] > 0
     cat = catalog.with_metrics([m for m, p in zip(codes.metrics, present, strict=True) if p])
     metrics = cat.names
     m_index = {name: i for i, name in enumerate(metrics)}
@@ -176,7 +181,7 @@ def _write_local(bundle: Bundle, out: str | Path, *, step_s: int, catalog: Catal
     # and no full-size temporaries. Rejected samples (duplicates, outside the window, NaN
     # values) are masked out of the chunk.
     start_cell = np.repeat(start_b, 2).astype(np.int64)
-    n_steps_cell = np.repeat(n_steps, 2)
+    n_steps_cell = np.repeat(n_steps, 2).astype(np.uint64)
     n_rows = len(codes.value)
     sums = np.zeros(R * M, np.float64)
     counts = np.zeros(R * M, np.int32)
@@ -189,9 +194,9 @@ def _write_local(bundle: Bundle, out: str | Path, *, step_s: int, catalog: Catal
         cell += codes.group[lo:hi]
         step = codes.timestamp_us[lo:hi] // bucket_us
         step -= start_cell[cell]  # step index inside the deployment's window
-        ok = step >= 0
-        ok &= step < n_steps_cell[cell]
-        has_group |= np.bincount(cell, minlength=len(has_group)) > 0
+        # 0 <= step < n_steps in one unsigned comparison (a negative step wraps to a huge one)
+        ok = step.view(np.uint64) < n_steps_cell[cell]
+        has_group[cell] = True
         outside += len(ok) - int(np.count_nonzero(ok))
         if codes.keep is not None:
             keep = codes.keep[lo:hi]
@@ -199,7 +204,7 @@ def _write_local(bundle: Bundle, out: str | Path, *, step_s: int, catalog: Catal
             outside -= int(np.count_nonzero(~(keep | ok)))
             ok &= keep
         value = codes.value[lo:hi]
-        ok &= ~np.isnan(value)
+        ok &= value == value  # not NaN
         step += block_off[cell]
         step *= M
         step += mm[codes.metric[lo:hi]]
@@ -211,7 +216,8 @@ def _write_local(bundle: Bundle, out: str | Path, *, step_s: int, catalog: Catal
         step -= first
         span = int(step.max()) + 1
         sums[first:first + span] += np.bincount(step, weights=value, minlength=span)
-        counts[first:first + span] += np.bincount(step, minlength=span).astype(np.int32)
+        np.add(counts[first:first + span], np.bincount(step, minlength=span),
+               out=counts[first:first + span], casting="unsafe")
     if outside:
         log.warning("%d sample(s) fall outside their deployment's start..end window; dropped",
                     outside)
@@ -241,7 +247,9 @@ def _write_local(bundle: Bundle, out: str | Path, *, step_s: int, catalog: Catal
             anomaly[block_off[pd_idx[good] * 2 + g] + pb[good]] = 1
 
     written_rows = np.repeat(has_group, block_len)
-    gaps = int(np.isnan(wide_t[:, written_rows]).sum())
+    # empty cells of the rows written (a copy of the grid only when some group has no samples)
+    gaps = int(np.count_nonzero(np.isnan(wide_t if written_rows.all()
+                                         else wide_t[:, written_rows])))
     dep_ids = deps["deployment_id"].astype(str).tolist()
     no_samples = [dep_ids[d] for d in range(len(deps)) if not has_group[2 * d:2 * d + 2].any()]
     if no_samples:
@@ -279,8 +287,10 @@ def _write_local(bundle: Bundle, out: str | Path, *, step_s: int, catalog: Catal
                 return 0
             pdir = partition_dir(tmp, dep_ids[d])
             pdir.mkdir(parents=True)
-            # dictionary pages only help the group column: float telemetry rarely repeats
-            pq.write_table(table, pdir / "part-0.parquet", compression="zstd",
+            # dictionary pages only help the group column: float telemetry rarely repeats.
+            # snappy (pandas' default codec): ~35 % less CPU than zstd for ~20 % more bytes
+            # (10 M samples: 0.17 vs 0.27 CPU-s, 43 vs 36 MB; measured)
+            pq.write_table(table, pdir / "part-0.parquet", compression="snappy",
                            use_dictionary=["group"])
             return int(table.num_rows)
 
