@@ -109,12 +109,8 @@ def sweep_first_rollback(history: ScoreHistory, cfg: PolicyConfig,
     return first.T
 
 
-def _pct(values: np.ndarray, q: float) -> float | None:
-    v = values[np.isfinite(values)]
-    return float(np.percentile(v, q)) if len(v) else None
-
-
-_TRUTH = ("label", "fault_onset_s", "impact_at_s", "start_s")
+_COUNTS = ("n_faulty", "n_healthy", "rolled_back_before_onset", "false_rollbacks",
+           "healthy_runs")
 
 
 def truth_arrays(deployments: pd.DataFrame | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -128,47 +124,66 @@ def truth_arrays(deployments: pd.DataFrame | Mapping[str, np.ndarray]) -> dict[s
     return out
 
 
-def metrics_from_times(decided_at: np.ndarray, deployments: pd.DataFrame | Mapping[str, np.ndarray]
-                       ) -> dict[str, Any]:
-    """DESIGN §7 metrics from the first-rollback time per deployment (NaN = not rolled back).
-    `deployments` aligned with `decided_at` (a table or `truth_arrays`): label, fault_onset_s,
-    impact_at_s (NaN = none) and start_s (when present; a fault with onset after the start had
-    a healthy stretch first)."""
+def metrics_many(decided_at: np.ndarray, deployments: pd.DataFrame | Mapping[str, np.ndarray]
+                 ) -> dict[str, np.ndarray]:
+    """`metrics_from_times` for many outcomes at once: `decided_at` [K, D] (K thresholds of a
+    sweep, K bootstrap draws, …), the truth columns [D] or [K, D]. Every metric is an array [K]:
+    rates NaN where their denominator is 0, percentiles NaN where nothing is measured."""
     label = np.asarray(deployments["label"])
     faulty, healthy = label == "faulty", label == "healthy"
     rb = np.isfinite(decided_at)
     impact = np.asarray(deployments["impact_at_s"], float)
     onset = np.asarray(deployments["fault_onset_s"], float)
     start = (np.asarray(deployments["start_s"], float) if "start_s" in deployments
-             else np.full(len(label), -np.inf))
-    early = faulty & rb & np.isfinite(onset) & (decided_at < onset)  # a false alarm
-    caught = faulty & rb & ~early
-    before = caught & (~np.isfinite(impact) | (decided_at < impact))
-    lead = np.where(caught & np.isfinite(impact), impact - decided_at, np.nan)
-    ttd = np.where(caught & np.isfinite(onset), decided_at - onset, np.nan)
-    # lead time as a share of the fault's own onset → impact time (1 = at onset, 0 = at impact)
-    span = impact - onset
+             else np.full(label.shape, -np.inf))
     with np.errstate(invalid="ignore", divide="ignore"):
+        early = faulty & rb & np.isfinite(onset) & (decided_at < onset)  # a false alarm
+        caught = faulty & rb & ~early
+        before = caught & (~np.isfinite(impact) | (decided_at < impact))
+        lead = np.where(caught & np.isfinite(impact), impact - decided_at, np.nan)
+        ttd = np.where(caught & np.isfinite(onset), decided_at - onset, np.nan)
+        # lead time as a share of the fault's own onset → impact time (1 = at onset, 0 = impact)
+        span = impact - onset
         lead_share = np.where(caught & np.isfinite(span) & (span > 0), lead / span, np.nan)
-    # every canary that ran healthy for a while could be falsely rolled back: the healthy ones
-    # and the faulty ones whose fault began after the start
-    healthy_runs = healthy | (faulty & np.isfinite(onset) & (onset > start))
-    nf, nh, nr = int(faulty.sum()), int(healthy.sum()), int(healthy_runs.sum())
-    out: dict[str, Any] = {
-        "n_faulty": nf, "n_healthy": nh,
-        "detection_rate": float(caught.sum() / nf) if nf else None,
-        "false_rollback_rate": float(((rb & healthy) | early).sum() / nr) if nr else None,
-        "caught_before_impact": float(before.sum() / nf) if nf else None,
-        "healthy_rolled_back_rate": float((rb & healthy).sum() / nh) if nh else None,
-        "rolled_back_before_onset": int(early.sum()),
-        "rolled_back_before_onset_rate": float(early.sum() / nf) if nf else None,
-        "false_rollbacks": int(((rb & healthy) | early).sum()), "healthy_runs": nr,
-    }
-    for q in (10, 50, 90):
-        out[f"lead_time_s_p{q}"] = _pct(lead, q)
-        out[f"time_to_detect_s_p{q}"] = _pct(ttd, q)
-    out["lead_share_p50"] = _pct(lead_share, 50)
+        # every canary that ran healthy for a while could be falsely rolled back: the healthy
+        # ones and the faulty ones whose fault began after the start
+        healthy_runs = healthy | (faulty & np.isfinite(onset) & (onset > start))
+        shape = decided_at.shape
+        nf = np.broadcast_to(faulty, shape).sum(-1)
+        nh = np.broadcast_to(healthy, shape).sum(-1)
+        nr = np.broadcast_to(healthy_runs, shape).sum(-1)
+        false_rb = ((rb & healthy) | early).sum(-1)
+        out: dict[str, np.ndarray] = {
+            "n_faulty": nf, "n_healthy": nh,
+            "detection_rate": caught.sum(-1) / nf,
+            "false_rollback_rate": false_rb / nr,
+            "caught_before_impact": before.sum(-1) / nf,
+            "healthy_rolled_back_rate": (rb & healthy).sum(-1) / nh,
+            "rolled_back_before_onset": early.sum(-1),
+            "rolled_back_before_onset_rate": early.sum(-1) / nf,
+            "false_rollbacks": false_rb, "healthy_runs": nr,
+        }
+    import warnings
+
+    with warnings.catch_warnings():  # "All-NaN slice": nothing measured, NaN is the answer
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for name, v, qs in (("lead_time_s", lead, (10, 50, 90)),
+                            ("time_to_detect_s", ttd, (10, 50, 90)), ("lead_share", lead_share, (50,))):
+            pct = np.nanpercentile(v, qs, axis=-1)
+            for q, row in zip(qs, pct, strict=True):
+                out[f"{name}_p{q}"] = row
     return out
+
+
+def metrics_from_times(decided_at: np.ndarray, deployments: pd.DataFrame | Mapping[str, np.ndarray]
+                       ) -> dict[str, Any]:
+    """DESIGN §7 metrics from the first-rollback time per deployment (NaN = not rolled back).
+    `deployments` aligned with `decided_at` (a table or `truth_arrays`): label, fault_onset_s,
+    impact_at_s (NaN = none) and start_s (when present; a fault with onset after the start had
+    a healthy stretch first). Rates and percentiles are None where undefined."""
+    m = metrics_many(np.asarray(decided_at, float)[None, :], deployments)
+    return {k: (int(v[0]) if k in _COUNTS else None if not np.isfinite(v[0]) else float(v[0]))
+            for k, v in m.items()}
 
 
 def bootstrap_intervals(decided_at: np.ndarray, deployments: pd.DataFrame, keys: Sequence[str],
@@ -176,37 +191,30 @@ def bootstrap_intervals(decided_at: np.ndarray, deployments: pd.DataFrame, keys:
                         level: float = 0.95) -> dict[str, list[float] | None]:
     """Percentile bootstrap intervals of `metrics_from_times` over deployments, resampled with
     replacement within each stratum (default: label), so every replicate keeps the corpus's
-    mix of faulty and healthy canaries."""
+    mix of faulty and healthy canaries. All draws are evaluated at once (`metrics_many`)."""
     groups = (deployments["label"] if strata is None else strata).astype(str).to_numpy()
     idx_by = [np.flatnonzero(groups == g) for g in np.unique(groups)]
     rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {k: [] for k in keys}
     cols = truth_arrays(deployments.reset_index(drop=True))
-    for _ in range(int(n_boot)):
-        idx = np.concatenate([rng.choice(ix, size=len(ix), replace=True) for ix in idx_by])
-        m = metrics_from_times(decided_at[idx], {k: v[idx] for k, v in cols.items()})
-        for k in keys:
-            if m.get(k) is not None:
-                draws[k].append(float(m[k]))
+    idx = np.stack([np.concatenate([rng.choice(ix, size=len(ix), replace=True) for ix in idx_by])
+                    for _ in range(int(n_boot))])  # [B, D]
+    m = metrics_many(np.asarray(decided_at, float)[idx], {k: v[idx] for k, v in cols.items()})
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
-    return {k: ([float(np.percentile(v, lo)), float(np.percentile(v, hi))] if v else None)
-            for k, v in draws.items()}
+    out: dict[str, list[float] | None] = {}
+    for k in keys:
+        v = np.asarray(m[k], float)
+        v = v[np.isfinite(v)]
+        out[k] = [float(np.percentile(v, lo)), float(np.percentile(v, hi))] if len(v) else None
+    return out
 
 
 def sweep_table(history: ScoreHistory, cfg: PolicyConfig, deployments: pd.DataFrame,
                 thresholds: np.ndarray) -> pd.DataFrame:
     """Detection vs false rollback over `thresholds` (deployments aligned with the history)."""
-    first = sweep_first_rollback(history, cfg, thresholds)
-    truth = truth_arrays(deployments)
-    rows = []
-    for k, thr in enumerate(thresholds):
-        m = metrics_from_times(first[k], truth)
-        rows.append({"threshold": float(thr), "detection_rate": m["detection_rate"],
-                     "false_rollback_rate": m["false_rollback_rate"],
-                     "caught_before_impact": m["caught_before_impact"],
-                     "lead_time_s_p50": m["lead_time_s_p50"],
-                     "false_rollbacks": m["false_rollbacks"], "healthy_runs": m["healthy_runs"]})
-    return pd.DataFrame(rows)
+    m = metrics_many(sweep_first_rollback(history, cfg, thresholds), truth_arrays(deployments))
+    cols = ("detection_rate", "false_rollback_rate", "caught_before_impact", "lead_time_s_p50",
+            "false_rollbacks", "healthy_runs")
+    return pd.DataFrame({"threshold": np.asarray(thresholds, float)} | {c: m[c] for c in cols})
 
 
 def frr_upper_bound(false_rollbacks: np.ndarray, runs: np.ndarray, confidence: float
