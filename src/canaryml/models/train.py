@@ -368,7 +368,8 @@ def spec_from_mapping(forecaster: dict[str, Any], detector: dict[str, Any], scor
     kind = d.pop("kind", "iforest")
     # read by the train task, not by the fit: init_from/since pick data, operating_point_frr
     # the fitted threshold's false-rollback target
-    t = {k: v for k, v in trainer.items() if k not in ("init_from", "since", "operating_point_frr")}
+    t = {k: v for k, v in trainer.items()
+         if k not in ("init_from", "since", "operating_point_frr", "operating_point_confidence")}
     try:
         return TrainSpec(network=NetworkSpec(**f), detector=DetectorSpec(kind, tuple(sorted(d.items()))),
                          weights=ScorerWeights(**scorer), trainer=TrainerSpec(**t), seed=seed,
