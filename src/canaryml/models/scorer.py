@@ -20,8 +20,15 @@ Scoring one window of `lookback + horizon` steps, for each group (canary, baseli
      the largest healthy value, maps each raw score to [0, 1] and keeps scores rankable.
 
 A window with `baseline=None` (SMD/NAB, one group) is scored on raw canary residuals and with
-no drift term (documented degradation, logged once). `score`, `score_batch` and `score_series`
-all run `_score_block`, the same batched code path.
+no drift term (documented degradation, logged once). A model *trained* without a baseline group
+(single-group mode, `SingleGroup`) also (a) scales each series (service) by its own healthy
+training distribution (robust median/IQR) instead of one pooled scaler, (b) scores the current
+values of all metrics at once with a per-series multivariate detector (PCA reconstruction, which
+catches a broken correlation no single metric shows), mixed with the forecast-error score by
+`values_weight`, and (c) calibrates per tick (the `single_group_alarm_quantile` of healthy
+calibration ticks scores 0.5) instead of per deployment: a point-labelled series has no
+deployments. Windows with a baseline never take this path. `score`, `score_batch` and
+`score_series` all run `_score_block`, the same batched code path.
 """
 
 from __future__ import annotations
@@ -43,7 +50,12 @@ from canaryml.control.types import ScoreResult, Window
 from canaryml.data.atomic import atomic_dir, atomic_write_json, json_marker
 from canaryml.data.dataset import DeploymentArrays
 from canaryml.errors import ModelLoadError, ScoringError
-from canaryml.models.detectors import IsolationForestDetector, JointForest, ResidualDetector
+from canaryml.models.detectors import (
+    IsolationForestDetector,
+    JointForest,
+    PCADetector,
+    ResidualDetector,
+)
 from canaryml.models.networks import NetworkSpec, build_network
 from canaryml.models.predict import BreachPredictor, tick_windows
 from canaryml.models.windows import Scaler, model_input
@@ -70,9 +82,28 @@ class ScorerWeights:
     # keeps the tick ranking, so the threshold reads as a deployment-level false-rollback rate)
     deployment_quantile: float = 0.5
     deployment_anchor: float = 0.2
+    # single-group mode (a model trained without a baseline group: SMD, NAB, Nezha with the
+    # history baseline off); none of these is read for windows with a baseline
+    series_normalisation: bool = True  # each series (service) scaled by its own training data
+    values_detector: str | None = "pca"  # multivariate detector on the current values; None = off
+    values_variance: float = 0.95  # PCA: share of the healthy variance the components keep
+    # share of the values detector in the single-group raw score (1 − it: the forecast error /
+    # residual-detector mix); None = chosen at training on anomalies injected into the healthy
+    # calibration windows (never on evaluation labels)
+    values_weight: float | None = None
+    single_group_alarm_quantile: float = 0.99  # this quantile of healthy ticks scores 0.5
 
     def __post_init__(self) -> None:
         from canaryml.errors import ConfigError
+
+        if self.values_weight is not None and not 0.0 <= self.values_weight <= 1.0:
+            raise ConfigError(f"scorer.values_weight={self.values_weight} must be in [0, 1] or "
+                              "null (chosen at training)")
+        if not 0.5 < self.single_group_alarm_quantile < 1.0:
+            raise ConfigError(f"scorer.single_group_alarm_quantile="
+                              f"{self.single_group_alarm_quantile} must be in (0.5, 1)")
+        if self.values_detector not in (None, "pca"):
+            raise ConfigError(f"scorer.values_detector={self.values_detector!r}: use pca or null")
 
         if not (0.0 < self.deployment_quantile < 1.0 and 0.0 < self.deployment_anchor < 1.0):
             raise ConfigError(
@@ -100,6 +131,76 @@ class Calibration:
     det_center: np.ndarray  # [2]
     det_scale: np.ndarray  # [2]
     groups: np.ndarray | None = None  # [N]; None = every tick its own deployment
+    values: np.ndarray | None = None  # [N] normalised values-detector score (single-group mode)
+
+
+_SEPARATORS = "./:@#"
+
+
+class SingleGroup:
+    """Per-series state of a model trained without a baseline group. Row k < K belongs to series
+    `keys[k]` (a service / machine / file), row K is the pooled fallback for series not seen in
+    training: robust `center`/`scale` [K+1, M] (each metric by its own series' healthy training
+    distribution) and a detector on the scaled current values per row (None = none).
+
+    A deployment id maps to its series by `aliases` (training deployment → series), else by the
+    longest key that appears in the id as a whole `./:@#`-delimited part
+    (`machine-1-6.test` → `machine-1-6`, `2022-08-22/frontend/x` → `frontend`), else row K."""
+
+    def __init__(self, keys: Sequence[str], center: np.ndarray, scale: np.ndarray,
+                 values: Sequence[PCADetector | None], aliases: dict[str, str] | None = None):
+        self.keys = tuple(keys)
+        self.center = np.asarray(center, np.float32)
+        self.scale = np.asarray(scale, np.float32)
+        self.values = tuple(values)
+        self.aliases = dict(aliases or {})
+        if not (len(self.center) == len(self.scale) == len(self.values) == len(self.keys) + 1):
+            raise ModelLoadError("single-group state: center/scale/values need one row per "
+                                 "series plus the pooled fallback")
+        self._cache: dict[str, int] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": {}}
+
+    def index(self, deployment_id: str) -> int:
+        hit = self._cache.get(deployment_id)
+        if hit is not None:
+            return hit
+        pos = {k: i for i, k in enumerate(self.keys)}
+        key = self.aliases.get(deployment_id)
+        row = pos.get(key, len(self.keys)) if key is not None else pos.get(deployment_id)
+        if row is None:
+            row, best = len(self.keys), -1
+            for k, i in pos.items():
+                at = deployment_id.find(k)
+                while at >= 0:
+                    end = at + len(k)
+                    if ((at == 0 or deployment_id[at - 1] in _SEPARATORS)
+                            and (end == len(deployment_id) or deployment_id[end] in _SEPARATORS)):
+                        if len(k) > best:
+                            row, best = i, len(k)
+                        break
+                    at = deployment_id.find(k, at + 1)
+        self._cache[deployment_id] = row
+        return row
+
+    def transform(self, x: np.ndarray, rows: np.ndarray, clip: bool = True) -> np.ndarray:
+        """[N, W, M] raw windows (row per window) → per-series scaled; clipped to ±_CLIP for
+        the forecaster (`clip`), unclipped for the values detector (it standardises itself)."""
+        z = (x - self.center[rows][:, None, :]) / self.scale[rows][:, None, :]
+        return (np.clip(z, -_CLIP, _CLIP) if clip else z).astype(np.float32)
+
+    def values_score(self, z_now: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Normalised values-detector score (healthy median 0, threshold 1) of scaled current
+        values [N, M] (NaN = not observed → the series' median)."""
+        out = np.zeros(len(z_now))
+        z_now = np.where(np.isfinite(z_now), z_now, 0.0)
+        for r in np.unique(rows):
+            det = self.values[int(r)]
+            if det is not None:
+                sel = rows == r
+                out[sel] = det.normalised(z_now[sel])
+        return out
 
 
 def _masked_mean(x: np.ndarray) -> np.ndarray:
@@ -169,8 +270,11 @@ class CanaryScorer:
                  calibration: Calibration, weights: ScorerWeights, step_s: int,
                  gap_scale: np.ndarray | None = None, info: dict[str, Any] | None = None,
                  operating_point: dict[str, Any] | None = None,
-                 predictor: BreachPredictor | None = None):
+                 predictor: BreachPredictor | None = None,
+                 single_group: SingleGroup | None = None):
         self.spec = spec
+        # per-series state of a model trained without a baseline group (None: trained with one)
+        self.single = single_group
         # P(canary-caused SLO breach within its horizon) per window: the predictive rule's input
         # (canaryml.models.predict); None = the model has none (no labelled faults to learn from)
         self.predictor = predictor
@@ -324,8 +428,10 @@ class CanaryScorer:
             can_w = np.stack(cs)
             base_w = np.stack(bs) if has_base else None
             k = self.spec.lookback + self.spec.horizon
+            rows = (None if has_base or self.single is None else
+                    np.array([self.single.index(windows[i].deployment_id) for i in idx]))
             res = self._score_block(can_w[:, -k:], None if base_w is None else base_w[:, -k:],
-                                    memo=False)
+                                    memo=False, rows=rows)
             if self.predictor is not None:
                 res["breach_probability"] = self._predict(can_w, base_w)
             bad = res["invalid"]
@@ -383,10 +489,13 @@ class CanaryScorer:
                                   self.predictor.spec.window, ends)
             out["breach_probability"][first:] = self.predictor.predict(pc, pb)
         n_invalid = 0
+        row = (None if views_b is not None or self.single is None else
+               self.single.index(arrays.deployment_id))
         for lo in range(0, len(views_c), _CHUNK):
             hi = min(lo + _CHUNK, len(views_c))
             res = self._score_block(np.ascontiguousarray(views_c[lo:hi]),
-                                    None if views_b is None else np.ascontiguousarray(views_b[lo:hi]))
+                                    None if views_b is None else np.ascontiguousarray(views_b[lo:hi]),
+                                    rows=None if row is None else np.full(hi - lo, row))
             for k in keys:
                 if k not in res:
                     continue
@@ -406,6 +515,11 @@ class CanaryScorer:
         calibration is recomputed from the stored healthy calibration components."""
         return self._copy(replace(self.weights, forecast_weight=float(forecast_weight)))
 
+    def with_values_weight(self, values_weight: float) -> CanaryScorer:
+        """Copy with another single-group share of the values detector (0 = forecast error /
+        residual detector only, 1 = values detector only); recalibrated like `with_mix`."""
+        return self._copy(replace(self.weights, values_weight=float(values_weight)))
+
     def with_weights(self, app: float, infra: float) -> CanaryScorer:
         return self._copy(replace(self.weights, weight_application_metrics=float(app),
                                   weight_infrastructure_metrics=float(infra)))
@@ -414,7 +528,8 @@ class CanaryScorer:
         copy = CanaryScorer(spec=self.spec, network=self.network, scaler=self.scaler,
                             metrics=self._metrics, catalog=self.catalog, detectors=self.detectors,
                             calibration=self.calibration, weights=weights, step_s=self._step_s,
-                            gap_scale=self.gap_scale, info=self.info, predictor=self.predictor)
+                            gap_scale=self.gap_scale, info=self.info, predictor=self.predictor,
+                            single_group=self.single)
         copy.workers = self.workers
         copy._memo = self._memo  # operating_point stays None: it was chosen for this mix only
         return copy
@@ -473,20 +588,21 @@ class CanaryScorer:
                 return self.network(x, time_major=True).numpy()
             return self.network(x.transpose(0, 1)).numpy()
 
-    def _components_parallel(self, can: np.ndarray, base: np.ndarray | None
-                             ) -> dict[str, np.ndarray]:
+    def _components_parallel(self, can: np.ndarray, base: np.ndarray | None,
+                             rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """`_components` of a large block split over `workers` threads (torch and the large
         numpy operations release the GIL; run torch with one intra-op thread then, see
         `workers`). Every window's features are computed alone, so the split changes nothing."""
         n = len(can)
         parts = min(self.workers, n // _PARALLEL_MIN)
         if parts <= 1:
-            return self._components(can, base)
+            return self._components(can, base, rows)
         bounds = np.linspace(0, n, parts + 1).astype(int)
         spans = list(itertools.pairwise(bounds))
         done = list(self._pool().map(
             lambda ab: self._components(can[ab[0]:ab[1]],
-                                        None if base is None else base[ab[0]:ab[1]]), spans))
+                                        None if base is None else base[ab[0]:ab[1]],
+                                        None if rows is None else rows[ab[0]:ab[1]]), spans))
         return {k: np.concatenate([d[k] for d in done]) for k in done[0]}
 
     def _pool(self) -> Any:
@@ -497,17 +613,26 @@ class CanaryScorer:
             self._executor_size = self.workers
         return self._executor
 
-    def _components(self, can: np.ndarray, base: np.ndarray | None) -> dict[str, np.ndarray]:
-        """Raw features of [N, W, M] raw-unit windows (canary, baseline or None)."""
+    def _components(self, can: np.ndarray, base: np.ndarray | None,
+                    rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Raw features of [N, W, M] raw-unit windows (canary, baseline or None). `rows`: each
+        window's series row in the single-group state (windows without a baseline of a model
+        trained without one; None = the pooled fallback row)."""
         L, H = self.spec.lookback, self.spec.horizon
         n = len(can)
-        zc = self.scaler.transform(can)
+        single = base is None and self.single is not None
+        if single:
+            assert self.single is not None
+            rows = np.full(n, len(self.single.keys)) if rows is None else np.asarray(rows)
+            zc = self.single.transform(can, rows)
+        else:
+            zc = self.scaler.transform(can)
         observed = np.isfinite(zc).any(axis=1)  # [N, M]
         if base is not None:
             zb = self.scaler.transform(base)
             inputs = np.concatenate([zc[:, :L], zc[:, H:], zb[:, :L]])
         else:
-            if not self._warned_no_baseline:
+            if not self._warned_no_baseline and not single:
                 log.warning("windows without a baseline group: scoring raw canary residuals "
                             "(no relative-to-baseline correction, no drift term)")
                 self._warned_no_baseline = True
@@ -556,8 +681,12 @@ class CanaryScorer:
                 if dk is not None and mask.any():
                     comps[f"det_{k}"] = dk.decision_function(
                         np.concatenate([e_d[:, mask], e_drift[:, mask]], axis=1))
-        comps["eta"] = self._breach_eta(can, q_future_c)
+        comps["eta"] = self._breach_eta(can, q_future_c, rows if single else None)
         comps["e_d"], comps["e_drift"] = e_d, e_drift
+        if single:
+            assert self.single is not None and rows is not None
+            comps["values"] = self.single.values_score(
+                self.single.transform(can[:, -1:], rows, clip=False)[:, 0], rows)
         return comps
 
     def _joint_forest(self) -> JointForest | None:
@@ -567,7 +696,8 @@ class CanaryScorer:
             return JointForest(dets, widths)  # type: ignore[arg-type]
         return None
 
-    def _breach_eta(self, can: np.ndarray, q_future: np.ndarray) -> np.ndarray:
+    def _breach_eta(self, can: np.ndarray, q_future: np.ndarray,
+                    rows: np.ndarray | None = None) -> np.ndarray:
         """Seconds until the first SLO metric's forecast median crosses its SLO: 0 if the latest
         observed value already breaches; within the horizon from the forecast; beyond it by the
         least-squares trend of the window. NaN = no breach within `max_eta_s`."""
@@ -577,7 +707,12 @@ class CanaryScorer:
             return np.full(n, np.nan)
         H = self.spec.horizon
         sign, slo = self._slo_sign, self._slo[slo_idx]
-        med = self.scaler.inverse(q_future[..., self._q_mid])[:, :, slo_idx]  # [N, H, K]
+        if rows is None:
+            med = self.scaler.inverse(q_future[..., self._q_mid])[:, :, slo_idx]  # [N, H, K]
+        else:  # single-group: each window in its own series' units
+            assert self.single is not None
+            med = (q_future[..., self._q_mid] * self.single.scale[rows][:, None, :]
+                   + self.single.center[rows][:, None, :]).astype(np.float32)[:, :, slo_idx]
         x = can[:, :, slo_idx].astype(np.float64)  # [N, W, K]
         ok = np.isfinite(x)
         mean = _masked_mean(x)
@@ -627,17 +762,31 @@ class CanaryScorer:
         g = self.calibration.groups
         self._power = _deployment_power(raw, g, q, a)
         self._power_kind = [_deployment_power(kind_raw[:, k], g, q, a) for k in range(2)]
+        self._single_cal: tuple[tuple[np.ndarray, np.ndarray, float], float] | None = None
+        if self.single is not None and self.calibration.values is not None:
+            # single-group: per-tick calibration (a point-labelled series has no deployments)
+            ok = np.isfinite(raw)
+            sg = self._single_raw(raw[ok], self.calibration.values[ok])
+            ecdf = _ecdf_fit(sg)
+            qa = self.weights.single_group_alarm_quantile
+            self._single_cal = ecdf, float(np.log(0.5) / np.log(qa))
+
+    def _single_raw(self, raw: np.ndarray, values: np.ndarray) -> np.ndarray:
+        vw = self.weights.values_weight or 0.0
+        return raw if vw == 0.0 else (1.0 - vw) * raw + vw * values
 
     def _score_block(self, can: np.ndarray, base: np.ndarray | None, *,
-                     memo: bool = True) -> dict[str, np.ndarray]:
+                     memo: bool = True, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
         if not memo or len(can) < _MEMO_MIN_BLOCK:  # live ticks: nothing to share
-            comps = self._components_parallel(can, base)
+            comps = self._components_parallel(can, base, rows)
         else:
-            key = (self.weights.drift_weight, can.shape, hash(can.tobytes()),
-                   None if base is None else hash(base.tobytes()))
+            key: tuple[Any, ...] = (self.weights.drift_weight, can.shape, hash(can.tobytes()),
+                                    None if base is None else hash(base.tobytes()))
+            if rows is not None:
+                key = (*key, hash(np.asarray(rows).tobytes()))
             comps = self._memo.get(key)  # type: ignore[assignment]
             if comps is None:
-                comps = self._components(can, base)
+                comps = self._components(can, base, rows)
                 self._memo[key] = comps
                 while len(self._memo) > 8:
                     self._memo.popitem(last=False)
@@ -645,7 +794,12 @@ class CanaryScorer:
         det = np.stack([comps["det_app"], comps["det_infra"]], 1)
         fe_n, det_n, kind_raw = self._kind_raw(fe, det)
         raw = self._combine_raw(kind_raw)
-        score = _ecdf_apply(raw, *self._ecdf) ** self._power
+        if "values" in comps and self._single_cal is not None:
+            (knots, levels, tau), power = self._single_cal
+            raw = self._single_raw(raw, comps["values"])
+            score = _ecdf_apply(raw, knots, levels, tau) ** power
+        else:
+            score = _ecdf_apply(raw, *self._ecdf) ** self._power
         w, kind_w = self._kind_w
         contrib = comps["e"] * kind_w
         total = contrib.sum(1, keepdims=True)
@@ -676,7 +830,7 @@ class CanaryScorer:
     # ---- persistence -----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the bundle to one directory atomically (scorer.json, state.npz, network.pt,
-        detectors.joblib, predictor.joblib when there is one). `path` must be new, empty or an earlier scorer bundle (it is
+        detectors.joblib, predictor.joblib / single_group.joblib when there is one). `path` must be new, empty or an earlier scorer bundle (it is
         replaced as a whole): `OutputDirError` else."""
         import joblib
 
@@ -691,15 +845,20 @@ class CanaryScorer:
                 "operating_point": self.operating_point,
             })
             c = self.calibration
-            np.savez(tmp / "state.npz", center=self.scaler.center, scale=self.scaler.scale,
-                     gap_scale=self.gap_scale,
-                     components=c.components, fe_norm=c.fe_norm, det_center=c.det_center,
-                     det_scale=c.det_scale,
-                     groups=np.full(len(c.components), -1) if c.groups is None else c.groups)
+            arrays: dict[str, np.ndarray] = dict(
+                center=self.scaler.center, scale=self.scaler.scale, gap_scale=self.gap_scale,
+                components=c.components, fe_norm=c.fe_norm, det_center=c.det_center,
+                det_scale=c.det_scale,
+                groups=np.full(len(c.components), -1) if c.groups is None else c.groups)
+            if c.values is not None:
+                arrays["values"] = c.values
+            np.savez(tmp / "state.npz", **arrays)  # type: ignore[arg-type]
             torch.save(self.network.state_dict(), tmp / "network.pt")
             joblib.dump(self.detectors, tmp / "detectors.joblib")
             if self.predictor is not None:
                 joblib.dump(self.predictor, tmp / "predictor.joblib")
+            if self.single is not None:
+                joblib.dump(self.single, tmp / "single_group.joblib")
         return path
 
     @classmethod
@@ -727,12 +886,15 @@ class CanaryScorer:
                        metrics=tuple(meta["metrics"]), catalog=catalog, detectors=joblib.load(path / "detectors.joblib"),
                        calibration=Calibration(st["components"], st["fe_norm"], st["det_center"],
                                                st["det_scale"],
-                                               None if (st["groups"] < 0).all() else st["groups"]),
+                                               None if (st["groups"] < 0).all() else st["groups"],
+                                               st["values"] if "values" in st.files else None),
                        weights=ScorerWeights(**meta["weights"]), step_s=int(meta["step_s"]),
                        gap_scale=st["gap_scale"], info=meta.get("info", {}),
                        operating_point=meta.get("operating_point"),
                        predictor=(joblib.load(path / "predictor.joblib")
-                                  if (path / "predictor.joblib").is_file() else None))
+                                  if (path / "predictor.joblib").is_file() else None),
+                       single_group=(joblib.load(path / "single_group.joblib")
+                                     if (path / "single_group.joblib").is_file() else None))
         except ModelLoadError:
             raise
         except Exception as exc:  # corrupt/partial bundle: one clear error, not a traceback
@@ -748,6 +910,7 @@ def calibrate(components: dict[str, np.ndarray], detectors: dict[str, ResidualDe
     keep = ~components["invalid"]
     fe, det = fe[keep], det[keep]
     groups = components["group"][keep] if "group" in components else None
+    values = components["values"][keep] if "values" in components else None
     if len(fe) == 0:
         raise ScoringError("no valid healthy calibration windows; need healthy deployments "
                            "longer than lookback + horizon")
@@ -756,4 +919,4 @@ def calibrate(components: dict[str, np.ndarray], detectors: dict[str, ResidualDe
     thr = np.array([d.threshold_ if d is not None else 1.0 for d in
                     (detectors.get("app"), detectors.get("infra"))])
     scale = np.maximum(thr - center, 1e-6)
-    return Calibration(np.concatenate([fe, det], 1), fe_norm, center, scale, groups)
+    return Calibration(np.concatenate([fe, det], 1), fe_norm, center, scale, groups, values)

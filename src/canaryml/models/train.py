@@ -6,6 +6,10 @@ Deployments are split by deployment (or by time), never by rows:
   test  → held back: `test/roc_auc` (faulty post-onset ticks vs healthy deployments' ticks).
 The breach predictor (predictive rollback) is fitted on the labelled train + test deployments;
 the validation deployments choose the model's operating point (train task).
+Without a baseline group in any deployment (SMD, NAB) the model is single-group
+(`canaryml.models.scorer.SingleGroup`): per-series scalers and values detectors from the train +
+validation deployments' healthy ticks, and the values detector's share chosen on anomalies
+injected into the calibration deployments (`choose_values_weight`).
 """
 
 from __future__ import annotations
@@ -25,11 +29,17 @@ import torch
 
 from canaryml.data.dataset import CanonicalDataset, DeploymentArrays
 from canaryml.errors import DataContractError
-from canaryml.models.detectors import DetectorSpec, ResidualDetector
+from canaryml.models.detectors import DetectorSpec, PCADetector, ResidualDetector
 from canaryml.models.forecaster import Forecaster, fit_forecaster
 from canaryml.models.networks import NetworkSpec, build_network
 from canaryml.models.predict import PredictorSpec, fit_on_dataset
-from canaryml.models.scorer import Calibration, CanaryScorer, ScorerWeights, calibrate
+from canaryml.models.scorer import (
+    Calibration,
+    CanaryScorer,
+    ScorerWeights,
+    SingleGroup,
+    calibrate,
+)
 from canaryml.models.windows import (
     DeploymentInfo,
     Scaler,
@@ -208,10 +218,21 @@ def train_scorer(dataset: CanonicalDataset, spec: TrainSpec, *, work_dir: Path |
     scaler = init_from.scaler if init_from is not None else Scaler.fit(raw_train)
     gap_scale = init_from.gap_scale if init_from is not None else _gap_scale(scaler, train_items)
     w = net_spec.lookback + net_spec.horizon
-    train_ds = WindowDataset(_healthy_series(scaler, train_items), net_spec.lookback,
+    # single-group mode: no deployment has a baseline group (SMD, NAB, …)
+    single: SingleGroup | None = None
+    if all(a.baseline is None for a, _ in (*train_items, *val_items, *test_items)):
+        single = (init_from.single if init_from is not None and init_from.single is not None
+                  else _fit_single_group(dataset, scaler, [*train_items, *val_items], spec))
+    if single is None:
+        train_series = _healthy_series(scaler, train_items)
+        val_series = _healthy_series(scaler, val_items)
+    else:
+        train_series = _single_series(single, train_items)
+        val_series = _single_series(single, val_items)
+    train_ds = WindowDataset(train_series, net_spec.lookback,
                              net_spec.horizon, tr.stride, tr.max_train_windows, spec.seed,
                              min_history=net_spec.min_history)
-    val_ds = WindowDataset(_healthy_series(scaler, val_items), net_spec.lookback, net_spec.horizon,
+    val_ds = WindowDataset(val_series, net_spec.lookback, net_spec.horizon,
                            max(tr.stride, 2), tr.max_train_windows // 4, spec.seed)
     if len(train_ds) == 0:
         raise DataContractError(
@@ -240,7 +261,8 @@ def train_scorer(dataset: CanonicalDataset, spec: TrainSpec, *, work_dir: Path |
     pre = CanaryScorer(spec=net_spec, network=module.net, scaler=scaler, metrics=metrics,
                        catalog=catalog,
                        detectors={"app": None, "infra": None}, calibration=dummy,
-                       weights=spec.weights, step_s=dataset.step_s, gap_scale=gap_scale)
+                       weights=spec.weights, step_s=dataset.step_s, gap_scale=gap_scale,
+                       single_group=single)
     fit_items, cal_items = _detector_calibration_split(val_items, train_items)
     fit_comps = _healthy_components(pre, fit_items)
     detectors: dict[str, ResidualDetector | None] = {}
@@ -249,14 +271,32 @@ def train_scorer(dataset: CanonicalDataset, spec: TrainSpec, *, work_dir: Path |
         detectors[kind] = _fit_detector(spec.detector, feats, spec.seed) if mask.any() else None
     pre = CanaryScorer(spec=net_spec, network=module.net, scaler=scaler, metrics=metrics,
                        catalog=catalog, detectors=detectors, calibration=dummy,
-                       weights=spec.weights, step_s=dataset.step_s, gap_scale=gap_scale)
+                       weights=spec.weights, step_s=dataset.step_s, gap_scale=gap_scale,
+                       single_group=single)
     cal = calibrate(_healthy_components(pre, cal_items), detectors)
+    weights = spec.weights
+    info: dict[str, Any] = {"dataset_hash": dataset.content_hash, "trained_at": time.time(),
+                            "init_from": init_from.info.get("model_uri") if init_from else None}
+    if single is not None:
+        info["single_group"] = {"series": len(single.keys),
+                                "series_normalisation": weights.series_normalisation,
+                                "values_detector": weights.values_detector}
+        if cal.values is None or weights.values_detector is None:
+            weights = dataclasses.replace(weights, values_weight=0.0)
+        elif weights.values_weight is None:
+            pre = CanaryScorer(spec=net_spec, network=module.net, scaler=scaler, metrics=metrics,
+                               catalog=catalog, detectors=detectors, calibration=cal,
+                               weights=dataclasses.replace(weights, values_weight=0.0),
+                               step_s=dataset.step_s, gap_scale=gap_scale, single_group=single)
+            chosen, table = choose_values_weight(pre, cal_items, spec.seed)
+            weights = dataclasses.replace(weights, values_weight=chosen)
+            info["single_group"]["values_weight_injected_ap"] = table
+        info["single_group"]["values_weight"] = weights.values_weight
     scorer = CanaryScorer(spec=net_spec, network=module.net, scaler=scaler, metrics=metrics,
                           catalog=catalog,
-                          detectors=detectors, calibration=cal, weights=spec.weights,
-                          step_s=dataset.step_s, gap_scale=gap_scale,
-                          info={"dataset_hash": dataset.content_hash, "trained_at": time.time(),
-                                "init_from": init_from.info.get("model_uri") if init_from else None})
+                          detectors=detectors, calibration=cal, weights=weights,
+                          step_s=dataset.step_s, gap_scale=gap_scale, info=info,
+                          single_group=single)
     metrics_out: dict[str, float] = {"train/fit_s": fit_s, "train/sec_per_epoch": sec_per_epoch,
                                      "train/epochs": float(len(history)),
                                      "train/windows": float(len(train_ds))}
@@ -344,17 +384,167 @@ def _healthy_components(scorer: CanaryScorer, items: Sequence[tuple[DeploymentAr
         vc = np.lib.stride_tricks.sliding_window_view(can, w, axis=0).transpose(0, 2, 1)[mask]
         vb = (None if base is None else
               np.lib.stride_tricks.sliding_window_view(base, w, axis=0).transpose(0, 2, 1)[mask])
+        rows = (None if vb is not None or scorer.single is None else
+                np.full(len(vc), scorer.single.index(arr.deployment_id)))
         comps = scorer._components(np.ascontiguousarray(vc),
-                                   None if vb is None else np.ascontiguousarray(vb))
+                                   None if vb is None else np.ascontiguousarray(vb), rows)
         keep = ~comps["invalid"]
         comps["group"] = np.full(len(keep), group)
         for k in ("fe_app", "fe_infra", "det_app", "det_infra", "e_d", "e_drift", "invalid",
-                  "group"):
-            parts.setdefault(k, []).append(comps[k][keep])
+                  "group", "values"):
+            if k in comps:
+                parts.setdefault(k, []).append(comps[k][keep])
     if not parts:
         raise DataContractError("no healthy windows in the calibration split; need healthy "
                                 "deployments longer than lookback + horizon")
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _service_of(dataset: CanonicalDataset) -> dict[str, str]:
+    deps = dataset.deployments
+    ids = deps["deployment_id"].astype(str)
+    if "service" not in deps.columns:
+        return dict(zip(ids, ids, strict=True))
+    svc = deps["service"].astype(str).where(deps["service"].notna(), ids)
+    return dict(zip(ids, svc, strict=True))
+
+
+def _single_series(single: SingleGroup, items: Sequence[tuple[DeploymentArrays, DeploymentInfo]]
+                   ) -> list[np.ndarray]:
+    """Healthy spans of single-group deployments, each scaled by its own series' state."""
+    out = []
+    for arr, info in items:
+        row = np.array([single.index(arr.deployment_id)])
+        for lo, hi in healthy_segments(arr, info):
+            out.append(single.transform(arr.canary[None, lo:hi], row)[0])
+    return out
+
+
+def _fit_single_group(dataset: CanonicalDataset, pooled: Scaler,
+                      items: Sequence[tuple[DeploymentArrays, DeploymentInfo]], spec: TrainSpec
+                      ) -> SingleGroup:
+    """Per-series state from the healthy ticks of the train + validation deployments (never the
+    held-back test split): a robust scaler per series (`series_normalisation`; else the pooled
+    one for all) and a PCA detector per series on the scaled current values, plus a pooled
+    fallback row for series not seen here."""
+    w = spec.weights
+    service = _service_of(dataset)
+    blocks: dict[str, list[np.ndarray]] = {}
+    for arr, info in items:
+        for lo, hi in healthy_segments(arr, info):
+            blocks.setdefault(service.get(arr.deployment_id, arr.deployment_id), []).append(
+                arr.canary[lo:hi])
+    keys = sorted(blocks) if w.series_normalisation else []
+    fitted = [_series_scaler(blocks[k], pooled) for k in keys]
+    center = np.stack([*(c for c, _ in fitted), pooled.center])
+    scale = np.stack([*(s for _, s in fitted), pooled.scale])
+    aliases = {d: s for d, s in service.items() if s in set(keys)}
+    values: list[PCADetector | None] = [None] * (len(keys) + 1)
+    if w.values_detector is not None:
+        single = SingleGroup(keys, center, scale, values, aliases)
+        rng = np.random.default_rng(spec.seed)
+
+        def scaled(k: str, row: int) -> np.ndarray:
+            z = np.concatenate([single.transform(b[None], np.array([row]), clip=False)[0]
+                                for b in blocks[k]])
+            return np.where(np.isfinite(z), z, 0.0)
+
+        pooled_rows = []
+        for row, k in enumerate(keys):  # one detector per series on its own scaled values
+            z = scaled(k, row)
+            values[row] = _fit_values(z, w, spec.seed)
+            pooled_rows.append(z[rng.choice(len(z), min(len(z), 20000 // len(keys)),
+                                            replace=False)])
+        if not keys:  # no per-series scaling: every series in the pooled scaler's units
+            pooled_rows = [scaled(k, 0) for k in blocks]
+        values[-1] = _fit_values(np.concatenate(pooled_rows), w, spec.seed)
+    return SingleGroup(keys, center, scale, values, aliases)
+
+
+def _fit_values(z: np.ndarray, w: ScorerWeights, seed: int) -> PCADetector | None:
+    if len(z) < 10:
+        return None
+    return PCADetector(variance=w.values_variance, max_fit_rows=100_000, random_state=seed).fit(z)
+
+
+def _series_scaler(blocks: Sequence[np.ndarray], pooled: Scaler) -> tuple[np.ndarray, np.ndarray]:
+    """Robust center/scale of one series: median and IQR/1.349, at least a quarter of its
+    standard deviation (a metric that is flat but for spikes has IQR 0); only for a metric
+    constant in this series' training data a tenth of the pooled scale (any change then reads as
+    ~10 σ, not ∞). Nothing else of the other series enters: a series' scale is its own."""
+    import warnings
+
+    x = np.concatenate([np.asarray(b, np.float64) for b in blocks])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        center = np.nanmedian(x, axis=0)
+        q25, q75 = np.nanpercentile(x, [25, 75], axis=0)
+        std = np.nanstd(x, axis=0)
+    scale = np.fmax((q75 - q25) / 1.349, 0.25 * std)
+    constant = ~np.isfinite(scale) | (scale <= 1e-9 * np.maximum(np.abs(np.nan_to_num(center)), 1.0))
+    scale = np.where(constant, np.maximum(0.1 * pooled.scale.astype(np.float64), 1e-6), scale)
+    center = np.where(np.isfinite(center), center, pooled.center)
+    return center.astype(np.float32), scale.astype(np.float32)
+
+
+def _inject(arr: DeploymentArrays, scale: np.ndarray, rng: np.random.Generator
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """A copy of a healthy series with synthetic anomalous segments (10 % of its ticks) and their
+    labels: a level shift of 3–8 series σ on a random subset of metrics, or those metrics'
+    values replaced by the same metrics at another time (marginals kept, the correlation with
+    the other metrics broken). Only to weigh the single-group components at training."""
+    x = arr.canary.copy()
+    t, m = x.shape
+    lab = np.zeros(t, bool)
+    target = int(0.1 * t)
+    while lab.sum() < target:
+        n = int(rng.integers(3, 60))
+        a = int(rng.integers(0, max(t - n, 1)))
+        cols = rng.choice(m, int(rng.integers(1, max(2, m // 3) + 1)), replace=False)
+        if rng.random() < 0.5:
+            sign = rng.choice([-1.0, 1.0], len(cols))
+            x[a:a + n, cols] += sign * rng.uniform(3, 8, len(cols)) * scale[cols]
+        else:
+            b = int(rng.integers(0, max(t - n, 1)))
+            x[a:a + n, cols] = arr.canary[b:b + n, cols]
+        lab[a:a + n] = True
+    return x, lab
+
+
+def choose_values_weight(scorer: CanaryScorer,
+                         items: Sequence[tuple[DeploymentArrays, DeploymentInfo]], seed: int,
+                         grid: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0)
+                         ) -> tuple[float, dict[str, float]]:
+    """The single-group share of the values detector: the grid value with the best mean average
+    precision on anomalies injected (`_inject`) into the healthy calibration deployments — no
+    evaluation labels are read. Ties go to the smaller share."""
+    from sklearn.metrics import average_precision_score
+
+    assert scorer.single is not None
+    rng = np.random.default_rng(seed + 7)
+    ap: dict[float, list[float]] = {g: [] for g in grid}
+    for arr, info in items:
+        mask = healthy_mask(arr.timestamps_s, info.label, info.fault_onset_s)
+        if mask.sum() < 4 * scorer.lookback:
+            continue
+        healthy = dataclasses.replace(arr, canary=arr.canary[mask], baseline=None,
+                                      timestamps_s=arr.timestamps_s[mask], anomaly=None)
+        row = scorer.single.index(arr.deployment_id)
+        x, lab = _inject(healthy, scorer.single.scale[row], rng)
+        series = dataclasses.replace(healthy, canary=x)
+        for g in grid:
+            s = scorer.with_values_weight(g).score_series(series)
+            ok = np.isfinite(s)
+            if lab[ok].any() and not lab[ok].all():
+                ap[g].append(float(average_precision_score(lab[ok], s[ok])))
+    table = {str(g): float(np.mean(v)) if v else float("nan") for g, v in ap.items()}
+    scored = [(float(np.mean(v)), -g, g) for g, v in ap.items() if v]
+    if not scored:
+        log.warning("no calibration series long enough to weigh the values detector; using 0.5")
+        return 0.5, table
+    best = max(scored)[2]
+    log.info("single-group values_weight %.2f (injected-anomaly AP by weight: %s)", best, table)
+    return float(best), table
 
 
 def spec_from_mapping(forecaster: dict[str, Any], detector: dict[str, Any], scorer: dict[str, Any],
