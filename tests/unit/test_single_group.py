@@ -185,3 +185,17 @@ def test_per_series_normalisation_makes_a_series_scale_irrelevant(
     p1 = train_scorer(dataset, pooled).scorer.score_series(a)
     p2 = train_scorer(big, pooled).scorer.score_series(big.arrays(a.deployment_id))
     assert not np.allclose(p1, p2, equal_nan=True, atol=1e-3)
+
+
+def test_injected_anomalies_for_the_weight_choice_work_for_one_metric() -> None:
+    """NAB has one metric: the injection that weighs the values detector must handle it."""
+    from canaryml.data.dataset import DeploymentArrays
+    from canaryml.models.train import _inject
+
+    rng = np.random.default_rng(0)
+    for m in (1, 2, 38):
+        x = rng.normal(0, 1, (500, m)).astype(np.float32)
+        arr = DeploymentArrays("s.train", np.arange(500) * 60, x, None, tuple(f"m{i}" for i in range(m)))
+        y, lab = _inject(arr, np.ones(m, np.float32), rng)
+        assert y.shape == x.shape and 0.1 <= lab.mean() < 0.3
+        assert not np.array_equal(y[lab], x[lab]) and np.array_equal(y[~lab], x[~lab])

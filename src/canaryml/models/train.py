@@ -500,7 +500,7 @@ def _inject(arr: DeploymentArrays, scale: np.ndarray, rng: np.random.Generator
     while lab.sum() < target:
         n = int(rng.integers(3, 60))
         a = int(rng.integers(0, max(t - n, 1)))
-        cols = rng.choice(m, int(rng.integers(1, max(2, m // 3) + 1)), replace=False)
+        cols = rng.choice(m, int(rng.integers(1, max(1, m // 3) + 1)), replace=False)
         if rng.random() < 0.5:
             sign = rng.choice([-1.0, 1.0], len(cols))
             x[a:a + n, cols] += sign * rng.uniform(3, 8, len(cols)) * scale[cols]
