@@ -65,8 +65,13 @@ def test_config_validation(bad: dict[str, object]) -> None:
         PolicyConfig(**{**BASE, **bad})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("block", [128, 4])  # 14 thresholds in one block, or in four
 @pytest.mark.parametrize("strategy", ["immediate", "gradual"])
-def test_vectorised_sweep_equals_scalar_policy(strategy: str) -> None:
+def test_vectorised_sweep_equals_scalar_policy(strategy: str, block: int,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from canaryml.replay import evaluate
+
+    monkeypatch.setattr(evaluate, "_SWEEP_BLOCK", block)
     rng = np.random.default_rng(1)
     D, T = 30, 40
     scores = rng.random((D, T)) ** 2
