@@ -366,3 +366,21 @@ def test_the_recalibration_equals_scikit_learns_isotonic_prediction() -> None:
     q = np.concatenate([rng.uniform(-0.2, 1.2, 500), [0.0, 1.0, p.min(), p.max()]])
     np.testing.assert_allclose(r.predict(q), (1 - r.EPS) * r.iso.predict(q) + r.EPS * q,
                                rtol=0, atol=1e-15)
+
+
+def test_on_a_large_corpus_the_probability_candidates_reach_the_target_rate() -> None:
+    import pandas as pd
+
+    from canaryml.replay.protocol import predict_candidates
+
+    n = 1000  # healthy runs, each with its own peak probability
+    peaks = np.linspace(0.999, 0.5, n)
+    h = ScoreHistory(tuple(map(str, range(n))), np.tile([0.0, 30.0], (n, 1)), np.zeros((n, 2)),
+                     np.stack([peaks, peaks * 0.5], 1))
+    deps = pd.DataFrame({"deployment_id": list(h.deployment_ids), "label": "healthy",
+                         "fault_onset_s": np.nan})
+    highest = predict_candidates(h, deps, [], (1,), top=4)
+    assert highest == list(peaks[:4])  # without a target: the worst few runs only
+    spread = predict_candidates(h, deps, [], (1,), top=4, target_frr=0.01)
+    # 1 % of 1,000 runs: the peaks spread over the highest 20, the 10th-worst run included
+    assert spread == list(peaks[[0, 6, 13, 19]])

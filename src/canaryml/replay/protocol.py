@@ -335,11 +335,14 @@ def policy_history(rp: ReplayPolicy, history: ScoreHistory) -> ScoreHistory:
 
 
 def predict_candidates(history: ScoreHistory, deps: pd.DataFrame, grid: Sequence[float | None],
-                       consecutive: Sequence[int] = (1,), top: int = 12) -> list[float | None]:
+                       consecutive: Sequence[int] = (1,), top: int = 12,
+                       target_frr: float | None = None) -> list[float | None]:
     """Probabilities to try for the predictive rule: `grid` plus, per hysteresis in
-    `consecutive`, the `top` highest false-alarm peaks — per deployment, the highest minimum
-    of that many ticks in a row while the canary was healthy (a healthy deployment, or a faulty
-    one before its onset): exactly where the rule's false-rollback rate changes."""
+    `consecutive`, `top` false-alarm peaks — per deployment, the highest minimum of that many
+    ticks in a row while the canary was healthy (a healthy deployment, or a faulty one before
+    its onset): exactly where the rule's false-rollback rate changes. The highest `top`; with
+    `target_frr`, `top` peaks spread evenly over the highest 2 × target × runs (a large corpus:
+    the peaks around the target, not only its worst few runs)."""
     out = list(dict.fromkeys(grid))
     if history.predicted is None:
         return [None]
@@ -355,7 +358,11 @@ def predict_candidates(history: ScoreHistory, deps: pd.DataFrame, grid: Sequence
             run[:, k:] = np.minimum(run[:, k:], p[:, :-k])
             run[:, :k] = -1.0
         peaks = np.where(healthy_tick, run, -1.0).max(axis=1)
-        for v in np.sort(peaks[peaks >= 0])[::-1][:top]:
+        ranked = np.sort(peaks[peaks >= 0])[::-1]
+        reach = top if target_frr is None else max(
+            top, int(np.ceil(2 * target_frr * healthy_tick.any(axis=1).sum())))
+        ranks = np.unique(np.linspace(0, reach - 1, top).round().astype(int))
+        for v in ranked[ranks[ranks < len(ranked)]]:
             if float(v) not in out:
                 out.append(float(v))
     return out
@@ -369,7 +376,8 @@ def best_setting(history: ScoreHistory, cfg: PolicyConfig, deps: pd.DataFrame,
     (consecutive, predict_probability, operating point, pairs compared). `mode` off: the rule
     stays off; only: the anomaly score never acts."""
     probs: list[float | None] = (
-        [None] if mode == "off" else predict_candidates(history, deps, grid, consecutive))
+        [None] if mode == "off" else predict_candidates(history, deps, grid, consecutive,
+                                                         target_frr=target_frr))
     if mode == "only":
         probs = [p for p in probs if p is not None] or [None]
     best: tuple[int, float | None, dict[str, Any] | None] = (int(consecutive[0]), None, None)
