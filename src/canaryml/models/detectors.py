@@ -1,8 +1,10 @@
 """Residual detectors: scikit-learn estimators over residual features, higher = more anomalous.
 
-Both detectors are fitted with scikit-learn and then *compiled* into plain numpy arrays so a
-single decision tick costs microseconds rather than sklearn's per-call overhead; tests check
-that the numpy path equals sklearn's own `score_samples` / `decision_function`.
+The forest and SVM detectors are fitted with scikit-learn and then *compiled* into plain numpy
+arrays so a single decision tick costs microseconds rather than sklearn's per-call overhead;
+tests check that the numpy path equals sklearn's own `score_samples` / `decision_function`. The
+PCA detector (`kind: pca`; also the single-group values detector on the current metric values)
+keeps its components as arrays: scoring is two matrix products.
 """
 
 from __future__ import annotations
