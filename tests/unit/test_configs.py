@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from canaryml.cli import compose
 from canaryml.errors import ConfigError
-from canaryml.models.detectors import IsolationForestDetector, OneClassSVMDetector
+from canaryml.models.detectors import IsolationForestDetector, OneClassSVMDetector, PCADetector
 from canaryml.models.networks import build_network
 from canaryml.models.train import spec_from_mapping
 from canaryml.paths import conf_dir
@@ -39,7 +39,8 @@ def test_model_groups_instantiate(forecaster: str, detector: str) -> None:
     net = build_network(spec.network)
     assert sum(p.numel() for p in net.parameters()) > 0
     det = spec.detector.build()
-    assert isinstance(det, {"iforest": IsolationForestDetector, "ocsvm": OneClassSVMDetector}[detector])
+    assert isinstance(det, {"iforest": IsolationForestDetector, "ocsvm": OneClassSVMDetector,
+                            "pca": PCADetector}[detector])
 
 
 def test_unknown_keys_in_model_groups_are_config_errors(tmp_path: Path) -> None:
