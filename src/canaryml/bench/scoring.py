@@ -176,7 +176,7 @@ def _measure(scorer: Any, arrays: Sequence[Any], ticks: int, deployments: int) -
     n_ticks = 0
     for a in arrays:
         scorer.score_series(a)
-        n_ticks += max(len(a.timestamps_s) - w + 1, 0)
+        n_ticks += max(len(a.timestamps_s) - scorer.lookback + 1, 0)  # scored from lookback on
     out["series_ticks_per_s"] = n_ticks / (time.perf_counter() - t0)
     return out
 
