@@ -249,3 +249,20 @@ def test_lead_share_is_the_lead_time_over_the_faults_own_onset_to_impact() -> No
     m = metrics_from_times(np.array([20.0, 300.0, 50.0, np.nan]), deps)
     assert m["lead_share_p50"] == pytest.approx(0.65)
     assert m["lead_time_s_p50"] == pytest.approx(140.0)
+
+
+def test_row_percentiles_equal_numpys_nanpercentile_to_the_bit() -> None:
+    import warnings
+
+    from canaryml.replay.evaluate import _row_percentiles
+
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=(200, 90)) * 100
+    v[rng.random(v.shape) < 0.6] = np.nan
+    v[3] = np.nan  # nothing measured
+    v[4] = np.nan
+    v[4, 7] = 5.0  # one value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows
+        ref = np.nanpercentile(v, (10, 50, 90), axis=-1)
+    np.testing.assert_array_equal(_row_percentiles(v, (10, 50, 90)), ref)

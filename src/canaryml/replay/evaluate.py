@@ -172,15 +172,30 @@ def metrics_many(decided_at: np.ndarray, deployments: pd.DataFrame | Mapping[str
             "rolled_back_before_onset_rate": early.sum(-1) / nf,
             "false_rollbacks": false_rb, "healthy_runs": nr,
         }
-    import warnings
+    for name, v, qs in (("lead_time_s", lead, (10, 50, 90)),
+                        ("time_to_detect_s", ttd, (10, 50, 90)), ("lead_share", lead_share, (50,))):
+        for q, row in zip(qs, _row_percentiles(v, qs), strict=True):
+            out[f"{name}_p{q}"] = row
+    return out
 
-    with warnings.catch_warnings():  # "All-NaN slice": nothing measured, NaN is the answer
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for name, v, qs in (("lead_time_s", lead, (10, 50, 90)),
-                            ("time_to_detect_s", ttd, (10, 50, 90)), ("lead_share", lead_share, (50,))):
-            pct = np.nanpercentile(v, qs, axis=-1)
-            for q, row in zip(qs, pct, strict=True):
-                out[f"{name}_p{q}"] = row
+
+def _row_percentiles(v: np.ndarray, qs: Sequence[float]) -> np.ndarray:
+    """`np.nanpercentile(v, qs, axis=-1)` (linear interpolation) for [K, D] rows with different
+    numbers of NaN, in one sort: numpy's own goes row by row (apply_along_axis). NaN for a row
+    without values."""
+    x = np.sort(v, axis=-1)  # NaN last
+    n = np.isfinite(x).sum(-1)
+    out = np.full((len(qs), x.shape[0]), np.nan)
+    has = n > 0
+    for i, q in enumerate(qs):
+        pos = (q / 100.0) * np.maximum(n - 1, 0)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, np.maximum(n - 1, 0))
+        a = np.take_along_axis(x, lo[:, None], -1)[:, 0]
+        b = np.take_along_axis(x, hi[:, None], -1)[:, 0]
+        t = pos - lo
+        lerp = np.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)  # numpy's own _lerp
+        out[i] = np.where(has, lerp, np.nan)
     return out
 
 
