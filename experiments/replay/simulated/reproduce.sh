@@ -5,17 +5,7 @@
 #   training corpus     seed 0,  200 deployments  → the LSTM and Transformer scorers
 #   calibration corpus  seed 10, 200 deployments  → every policy's threshold and knobs
 #   evaluation corpora  seeds 1, 2, 3, 200 each   → replayed once, labels hidden
-set -euo pipefail
-cd "$(dirname "$0")/../../.."
-C=${CANARYML:-.venv/bin/canaryml}
-export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/data/experiments-mlflow.db}
-mkdir -p data
-
-corpus() {  # name seed
-  [ -f "data/processed/sim-$1/manifest.json" ] && return
-  $C simulate out="data/raw/sim-$1" n=200 seed="$2"
-  $C ingest source=bundle input="data/raw/sim-$1" out="data/processed/sim-$1"
-}
+source "$(dirname "$0")/corpus.sh"
 corpus train 0
 corpus calib 10
 for s in 1 2 3; do corpus "eval$s" "$s"; done

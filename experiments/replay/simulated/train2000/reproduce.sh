@@ -7,17 +7,7 @@
 #   calibration corpus  seed 10, 2000 deployments → every policy's threshold and knobs, for
 #                       ≤ 1 % false rollbacks at 80 % confidence (Clopper–Pearson upper bound)
 #   evaluation corpora  seeds 1, 2, 3, 200 each   → replayed once, labels hidden
-set -euo pipefail
-cd "$(dirname "$0")/../../../.."
-C=${CANARYML:-.venv/bin/canaryml}
-export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/data/experiments-mlflow.db}
-mkdir -p data
-
-corpus() {  # name seed n
-  [ -f "data/processed/sim-$1/manifest.json" ] && return
-  $C simulate out="data/raw/sim-$1" n="$3" seed="$2"
-  $C ingest source=bundle input="data/raw/sim-$1" out="data/processed/sim-$1"
-}
+source "$(dirname "$0")/../corpus.sh"
 corpus train2000 0 2000
 corpus calib2000 10 2000
 for s in 1 2 3; do corpus "eval$s" "$s" 200; done

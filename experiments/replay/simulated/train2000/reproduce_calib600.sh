@@ -5,15 +5,7 @@
 # reproduce.sh; every policy calibrated on 600 deployments of seed 10 at the observed
 # false-rollback rate (no confidence bound). nodrift/: the same, with a second model trained
 # with scorer.drift_weight=0 (the "without drift" ablation).
-set -euo pipefail
-cd "$(dirname "$0")/../../../.."
-C=${CANARYML:-.venv/bin/canaryml}
-export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/data/experiments-mlflow.db}
-corpus() {  # name seed n
-  [ -f "data/processed/sim-$1/manifest.json" ] && return
-  $C simulate out="data/raw/sim-$1" n="$3" seed="$2"
-  $C ingest source=bundle input="data/raw/sim-$1" out="data/processed/sim-$1"
-}
+source "$(dirname "$0")/../corpus.sh"
 corpus train2000 0 2000
 corpus calib600 10 600
 for s in 1 2 3; do corpus "eval$s" "$s" 200; done

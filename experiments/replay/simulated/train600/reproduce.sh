@@ -3,15 +3,7 @@
 # trained on 600 deployments of seed 0 (a superset of the 200 of ../reproduce.sh), calibrated on
 # seed 10 and evaluated on seeds 1-3 exactly as there. From the repo root:
 #   bash experiments/replay/simulated/train600/reproduce.sh   (about 20 min on 2 cores)
-set -euo pipefail
-cd "$(dirname "$0")/../../../.."
-C=${CANARYML:-.venv/bin/canaryml}
-export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/data/experiments-mlflow.db}
-corpus() {  # name seed n
-  [ -f "data/processed/sim-$1/manifest.json" ] && return
-  $C simulate out="data/raw/sim-$1" n="$3" seed="$2"
-  $C ingest source=bundle input="data/raw/sim-$1" out="data/processed/sim-$1"
-}
+source "$(dirname "$0")/../corpus.sh"
 corpus train600 0 600
 corpus calib 10 200
 for s in 1 2 3; do corpus "eval$s" "$s" 200; done
