@@ -195,7 +195,7 @@ _POOLS: Any = None
 class FlatForest:
     """A fitted `HistGradientBoostingClassifier`'s trees as flat node arrays, walked for every
     tree at once in numpy. scikit-learn predicts tree by tree through an OpenMP region each:
-    ~20 ms for one row of 300 trees on a busy 2-core machine, against ~0.05 ms here (measured).
+    ~20 ms for one row of 300 trees on a busy 2-core machine, against ~0.07 ms here (measured).
     Same decisions as `predict_proba` (numeric splits; NaN follows `missing_go_to_left`); tested
     equal. `from_model` returns None for a model it cannot flatten (then predict_proba is used).
 
