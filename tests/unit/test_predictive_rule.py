@@ -274,6 +274,19 @@ def test_a_trained_model_carries_its_predictor_through_save_and_load(tmp_path: P
                arrays.canary, arrays.baseline, arrays.metrics)
     assert back.score(w).breach_probability == pytest.approx(a[t], abs=1e-12)
     assert fit_on_dataset(ds, [], back.metrics, ds.catalog, PredictorSpec()) is None
+    # replay's variants whose predictive rule is off drop the predictor, nothing else
+    from canaryml.replay.protocol import load_scorers
+
+    scorers, _ = load_scorers(["scorer", "scorer_nopredict", "scorer_detector"], {},
+                              str(tmp_path / "m"), None, ds)
+    assert scorers["scorer"].predictor is not None
+    bare = scorers["scorer_nopredict"]
+    assert bare.predictor is None and scorers["scorer_detector"].predictor is None
+    assert bare.operating_point == scorers["scorer"].operating_point
+    full, off = scorers["scorer"].score_series_components(arrays), bare.score_series_components(arrays)
+    assert np.isnan(off["breach_probability"]).all()
+    for k in ("score", "forecast_error", "detector_score", "breach_eta_s"):
+        np.testing.assert_array_equal(off[k], full[k])
 
 
 def test_the_flat_forest_predicts_exactly_what_scikit_learn_predicts(predictor) -> None:  # type: ignore[no-untyped-def]

@@ -524,6 +524,14 @@ class CanaryScorer:
         return self._copy(replace(self.weights, weight_application_metrics=float(app),
                                   weight_infrastructure_metrics=float(infra)))
 
+    def without_predictor(self) -> CanaryScorer:
+        """Copy without the breach predictor, same mix and operating point: for a policy whose
+        predictive rule is off, which then need not pay for the probabilities."""
+        copy = self._copy(self.weights)
+        copy.predictor = None
+        copy.operating_point = self.operating_point
+        return copy
+
     def _copy(self, weights: ScorerWeights) -> CanaryScorer:
         copy = CanaryScorer(spec=self.spec, network=self.network, scaler=self.scaler,
                             metrics=self._metrics, catalog=self.catalog, detectors=self.detectors,

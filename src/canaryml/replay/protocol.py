@@ -160,7 +160,10 @@ def load_scorers(names: list[str], models: dict[str, str], model_uri: str, lookb
 
                     base = GapZScorer(ds.metrics, ds.catalog, lookback=int(lookback or 20))
             mix = SCORER_VARIANTS[name]
-            scorers[name] = base if mix is None else base.with_mix(mix)
+            sc = base if mix is None else base.with_mix(mix)
+            if predict_mode(name) == "off" and hasattr(sc, "without_predictor"):
+                sc = sc.without_predictor()  # its rule stays off: no probabilities to compute
+            scorers[name] = sc
             versions[name] = str(getattr(base, "info", {}).get("model_uri", model_uri))
         elif name in models:
             sc = load_scorer_uri(str(models[name]))
